@@ -1,0 +1,133 @@
+"""Thin adapters: foolbox's and ART's FGSM and PGD behind the native attack contract.
+
+The libraries load only when an adapter is called; a missing one fails with the pip command
+that installs it. Their outputs go through the same clipping, budget check and re-scoring as
+native attacks (the runner trusts no attack).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import numpy as np
+import torch
+
+from harness.registry import Registry
+
+from .threat import ThreatModel
+
+__all__ = ["ADAPTERS", "MissingDependency", "require", "FoolboxAttack", "ARTAttack"]
+
+ADAPTERS: Registry[type] = Registry("backend")
+
+_PACKAGES = {"foolbox": ("foolbox", "foolbox"), "art": ("adversarial-robustness-toolbox", "art")}
+
+
+class MissingDependency(ImportError):
+    pass
+
+
+def require(module: str):
+    """Imports an optional library, or says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        extra = {"foolbox": "foolbox", "art": "art", "alibi_detect": "alibi"}.get(module.split(".")[0], "all")
+        raise MissingDependency(
+            f"this needs the optional package {module.split('.')[0]!r}: pip install 'harness[{extra}]' ({e})"
+        ) from None
+
+
+def _by_epsilon(threat: ThreatModel, x: torch.Tensor, run) -> torch.Tensor:
+    """Libraries take one epsilon per call: run once per distinct per-sample epsilon."""
+    eps = threat.per_sample(x)
+    out = torch.empty_like(x)
+    for value in torch.unique(eps).tolist():
+        mask = eps == value
+        out[mask] = run(x[mask], mask, float(value))
+    return out
+
+
+def _seed_from(generator: Optional[torch.Generator]) -> None:
+    # The libraries draw random starts from the global generators; seed them from ours.
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if generator is not None else 0
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+@ADAPTERS.register("foolbox")
+@dataclass(frozen=True)
+class FoolboxAttack:
+    """foolbox 3's LinfPGD/L2PGD (``pgd``) and FGSM/L2FastGradientAttack (``fgsm``)."""
+
+    attack: str
+    steps: int = 20
+    rel_stepsize: Optional[float] = None
+    random_start: Optional[bool] = None
+
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    def _library_attack(self, fb, norm: str):
+        a = fb.attacks
+        if self.attack == "fgsm":
+            cls = a.LinfFastGradientAttack if norm == "linf" else a.L2FastGradientAttack
+            return cls(random_start=bool(self.random_start))
+        cls = a.LinfPGD if norm == "linf" else a.L2PGD
+        rel = self.rel_stepsize if self.rel_stepsize is not None else 2.5 / self.steps
+        return cls(rel_stepsize=rel, steps=self.steps, random_start=self.random_start is not False)
+
+    def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None):
+        fb = require("foolbox")
+        _seed_from(generator)
+        fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0), device=x.device)
+        attack = self._library_attack(fb, threat.norm)
+
+        def run(xs, mask, eps):
+            _, clipped, _ = attack(fmodel, xs, y[mask], epsilons=eps)
+            return clipped
+
+        return _by_epsilon(threat, x, run)
+
+
+@ADAPTERS.register("art")
+@dataclass(frozen=True)
+class ARTAttack:
+    """ART's ProjectedGradientDescentPyTorch (``pgd``) and FastGradientMethod (``fgsm``)."""
+
+    attack: str
+    steps: int = 20
+    rel_stepsize: Optional[float] = None
+    random_start: Optional[bool] = None
+    batch_size: int = 256
+
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None):
+        require("art")
+        from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescentPyTorch
+        from art.estimators.classification import PyTorchClassifier
+
+        _seed_from(generator)
+        with torch.no_grad():
+            n_classes = int(model(x[:1]).shape[1])
+        clf = PyTorchClassifier(
+            model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=n_classes,
+            clip_values=(0.0, 1.0), device_type="gpu" if x.is_cuda else "cpu",
+        )
+        norm = np.inf if threat.norm == "linf" else 2
+
+        def run(xs, mask, eps):
+            if self.attack == "fgsm":
+                attack = FastGradientMethod(clf, norm=norm, eps=eps, num_random_init=int(bool(self.random_start)), batch_size=self.batch_size)
+            else:
+                rel = self.rel_stepsize if self.rel_stepsize is not None else 2.5 / self.steps
+                attack = ProjectedGradientDescentPyTorch(
+                    clf, norm=norm, eps=eps, eps_step=rel * eps, max_iter=self.steps,
+                    num_random_init=0 if self.random_start is False else 1, batch_size=self.batch_size, verbose=False,
+                )
+            adv = attack.generate(xs.detach().cpu().numpy(), y=y[mask].detach().cpu().numpy())
+            return torch.from_numpy(adv).to(x.device, x.dtype)
+
+        return _by_epsilon(threat, x, run)

@@ -1,0 +1,116 @@
+"""Gradient attacks: FGSM and PGD, for the L-inf and L2 norms, written once over ThreatModel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import ATTACKS, check_batch
+from .threat import ThreatModel
+
+__all__ = ["FGSM", "PGD"]
+
+
+def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+@ATTACKS.register("fgsm")
+@dataclass(frozen=True)
+class FGSM:
+    """Fast gradient sign method (Goodfellow et al. 2015, https://arxiv.org/abs/1412.6572);
+    for L2 the fast gradient method, one step along the normalized gradient.
+
+    Norms: linf, l2. Example::
+
+        x_adv = FGSM()(model, x, y, ThreatModel("linf", 8 / 255))
+    """
+
+    random_start: bool = False
+    rel_stepsize: float = 1.0
+
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None):
+        check_batch(x, y)
+        x = x.detach()
+        x_adv = threat.random_start(x, generator) if self.random_start else x.clone()
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        step = _view(threat.per_sample(x) * self.rel_stepsize, x)
+        return threat.project(x_adv.detach() + step * threat.normalize_grad(grad), x)
+
+
+@ATTACKS.register("pgd")
+@dataclass(frozen=True)
+class PGD:
+    """Projected gradient descent (Madry et al. 2018, https://arxiv.org/abs/1706.06083).
+
+    Norms: linf, l2. Step size is ``rel_stepsize * epsilon`` (default 2.5 / steps, Madry's
+    schedule) unless ``abs_stepsize`` is set. Per sample it returns the first iterate that
+    fools the model, else the iterate with the highest loss, never simply the last one; with
+    ``early_stop`` a sample leaves the batch once it is fooled. Example::
+
+        x_adv = PGD(steps=40)(model, x, y, ThreatModel("l2", 0.5))
+    """
+
+    steps: int = 20
+    rel_stepsize: Optional[float] = None
+    abs_stepsize: Optional[float] = None
+    random_start: bool = True
+    early_stop: bool = True
+
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+    def step_sizes(self, threat: ThreatModel, x: torch.Tensor) -> torch.Tensor:
+        if self.abs_stepsize is not None:
+            return torch.full((x.shape[0],), self.abs_stepsize, device=x.device, dtype=x.dtype)
+        rel = self.rel_stepsize if self.rel_stepsize is not None else 2.5 / self.steps
+        return threat.per_sample(x) * rel
+
+    def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None):
+        check_batch(x, y)
+        x = x.detach()
+        best = x.clone()
+        # The active set, compacted as samples are fooled: index into the batch, and their state.
+        idx = torch.arange(x.shape[0], device=x.device)
+        xs, ys, th = x, y, threat
+        step = _view(self.step_sizes(threat, x), x)
+        x_adv = th.random_start(xs, generator) if self.random_start else xs.clone()
+        best_s = xs.clone()
+        best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+        for t in range(self.steps + 1):
+            x_adv.requires_grad_(True)
+            logits = model(x_adv)
+            loss = F.cross_entropy(logits, ys, reduction="none")
+            success = logits.argmax(dim=1) != ys
+            improve = ~fooled & (success | (loss > best_loss))
+            best_s = torch.where(_view(improve, xs), x_adv.detach(), best_s)
+            best_loss = torch.where(improve, loss.detach(), best_loss)
+            fooled = fooled | success
+            if t == self.steps:
+                break
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+            x_adv = th.project(x_adv.detach() + step * th.normalize_grad(grad), xs)
+            if self.early_stop and bool(fooled.any()):
+                best[idx[fooled]] = best_s[fooled]
+                keep = ~fooled
+                if not bool(keep.any()):
+                    return best
+                idx, xs, ys, x_adv, best_s, best_loss, step = (
+                    t_[keep] for t_ in (idx, xs, ys, x_adv, best_s, best_loss, step)
+                )
+                th = th.subset(keep)
+                fooled = fooled[keep]
+        best[idx] = best_s
+        return best

@@ -1,0 +1,41 @@
+"""harness: adversarial robustness testing for PyTorch models, with scorecards that gate deployment.
+
+    import harness
+    card = harness.run()            # the embedded default suite
+    card.passed, card.metrics["clean_accuracy"]
+
+Importing this package is cheap: torch and the rest load when a run starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["run", "gate", "Scorecard", "BadInput", "RunFailed", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import run
+    from .errors import BadInput, RunFailed
+    from .scorecard import Scorecard
+
+_LAZY = {"run": ".api", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")
+
+
+def gate(scorecard: Any, config: Any = None, baseline: Any = None):
+    """Judges a saved scorecard again (its own gates, or a config's) without re-running it."""
+    from .api import resolve_config
+    from .scorecard import Scorecard
+
+    card = scorecard if isinstance(scorecard, Scorecard) else Scorecard.load(scorecard)
+    base = baseline if isinstance(baseline, Scorecard) or baseline is None else Scorecard.load(baseline)
+    gates = None if config is None else resolve_config(config)[0].gates
+    return card.rejudge(gates, base)

@@ -1,0 +1,162 @@
+"""`harness.run`: config in, Scorecard out. The CLI and notebooks both come through here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .config import Config, load_config, parse_config
+from .errors import BadInput, RunFailed
+from .files import write_text_atomic
+from .scorecard import SCHEMA_VERSION, Scorecard
+
+__all__ = ["run", "resolve_config"]
+
+ConfigLike = Union[None, str, Path, dict, Config]
+
+
+def resolve_config(config: ConfigLike) -> tuple[Config, Path, str]:
+    """A validated Config, the directory its relative paths start from, and its label for messages."""
+    if isinstance(config, Config):
+        return config, Path.cwd(), "config"
+    if isinstance(config, dict):
+        return parse_config(config, "config"), Path.cwd(), "config"
+    cfg, base, _ = load_config(config)
+    return cfg, base, "default" if config is None else str(config)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("harness", "torch", "torchvision", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _as_data(data: Any, cfg: Config):
+    from .data import Data, data_from_tensors
+
+    if isinstance(data, Data):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data_from_tensors(data[0], data[1], cfg.data.limit, cfg.seed)
+    try:  # a torch Dataset of (image tensor, label)
+        import torch
+
+        xs, ys = zip(*(data[i] for i in range(len(data))))
+        return data_from_tensors(torch.stack(list(xs)), torch.tensor([int(v) for v in ys]), cfg.data.limit, cfg.seed)
+    except Exception as e:
+        raise BadInput("data", f"expected (x, y) tensors or a Dataset of (image, label), got {type(data).__name__} ({e})") from None
+
+
+def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: Optional[Union[str, Path]] = None,
+        device: Optional[Union[str, list]] = None, seed: Optional[int] = None, baseline: Optional[Union[str, Path, Scorecard]] = None,
+        show_progress: Optional[bool] = None) -> Scorecard:
+    """Runs a suite and returns its Scorecard; writes the run's outputs to `out` when given.
+
+    `config` is a YAML path, a dict, a Config, or None for the embedded default. `model` (a
+    torch.nn.Module taking the config's preprocessing) and `data` ((x, y) tensors in [0, 1]) override
+    the config's. Bad input raises BadInput; a failed run raises RunFailed, with finished results
+    saved to `out/scorecard.partial.json`.
+    """
+    cfg, base, label = resolve_config(config)
+    if seed is not None or device is not None:
+        cfg = parse_config({**cfg.model_dump(mode="json"), **({"seed": seed} if seed is not None else {}),
+                            **({"device": device} if device is not None else {})}, label)
+    base_card = baseline if isinstance(baseline, Scorecard) or baseline is None else Scorecard.load(baseline)
+
+    import torch
+
+    from .devices import resolve_devices
+    from .gates import judge_gates, overall_verdict
+    from .models import BoundedModel, load_model, state_dict_sha256
+    from .runner import evaluate
+
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    devices = resolve_devices(cfg.device)
+    _seed_everything(cfg.seed)
+    if data is not None:
+        ds = _as_data(data, cfg)
+    else:
+        from .data import load_data
+
+        ds = load_data(cfg.data.source, cfg.data.split, cfg.data.limit, cfg.seed, base, cfg.data.image_size)
+    pre = cfg.model.preprocessing
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            raise BadInput("model", f"expected a torch.nn.Module, got {type(model).__name__}")
+        wrapped, model_info = BoundedModel(model, pre.mean, pre.std), {"source": "python:object", "model_sha256": state_dict_sha256(model)}
+    else:
+        wrapped, model_info = load_model(cfg.model.source, cfg.model.weights, cfg.model.num_classes, pre.mean, pre.std, cfg.model.kwargs, base)
+    if pre.mean is not None and len(pre.mean) != ds.x.shape[1] or pre.std is not None and len(pre.std) != ds.x.shape[1]:
+        raise BadInput("model.preprocessing", f"mean/std need one value per channel: the data has {ds.x.shape[1]}")
+
+    config_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    provenance: dict[str, Any] = {
+        **{k: v for k, v in model_info.items() if k != "source"},
+        "model_source": model_info["source"],
+        "dataset_sha256": ds.sha256(),
+        "data_source": ds.source,
+        "split": ds.split,
+        "samples": len(ds),
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "config_file": label,
+        "seed": cfg.seed,
+        "device": ",".join(str(d) for d in devices),
+        "versions": _versions(),
+        "started_at": started.isoformat(timespec="seconds"),
+        "duration_s": 0.0,
+    }
+
+    def record_of(ev) -> dict[str, Any]:
+        from .metrics import metric_counts
+
+        attacked = int(ev.correct.sum())
+        rec = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "passed": False, "verdict": "inconclusive",
+               "metrics": ev.metrics(), "gates": [], "attacks": [r.record(attacked) for r in ev.results],
+               "probes": [], "defenses": [], "checks": list(ev.checks),
+               "provenance": {**provenance, "duration_s": round(time.perf_counter() - t0, 3)}}
+        rec["gates"] = judge_gates(cfg.gates, rec["metrics"], metric_counts(rec), None if base_card is None else base_card.metrics)
+        rec["passed"], rec["verdict"] = overall_verdict(rec["gates"], rec["checks"])
+        return rec
+
+    partial = Path(out) / "scorecard.partial.json" if out is not None else None
+
+    def save_partial(ev) -> None:
+        if partial is not None:
+            write_text_atomic(partial, Scorecard({**record_of(ev), "passed": False, "verdict": "inconclusive"}).to_json())
+
+    try:
+        ev = evaluate(wrapped, ds, cfg.attacks, devices, cfg.data.batch_size, cfg.seed, cfg.model.num_classes,
+                      on_result=save_partial, show_progress=show_progress)
+    except (BadInput, RunFailed):
+        raise
+    except KeyboardInterrupt:
+        raise RunFailed(f"interrupted; finished results are in {partial}" if partial else "interrupted") from None
+    except Exception as e:
+        where = f"; finished results are in {partial}" if partial is not None and partial.exists() else ""
+        raise RunFailed(f"the run failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}{where}") from e
+    card = Scorecard(record_of(ev))
+    if out is not None:
+        card.save(out)
+    return card

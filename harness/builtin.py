@@ -1,0 +1,92 @@
+"""The embedded default model: a small CNN on scikit-learn's 8x8 digits, trained on first use.
+
+Training is deterministic from the recipe (seed included) and always runs on the CPU, so the
+cached weights are the same file wherever they were made. The cache key is a hash of the recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["DigitsCNN", "RECIPE", "digits_cnn", "cache_dir", "train_digits_cnn"]
+
+RECIPE = {"arch": "digits-cnn/v1", "seed": 0, "epochs": 30, "batch_size": 64, "lr": 1e-3, "split": "sklearn-digits/75-25/seed0"}
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def cache_dir() -> Path:
+    """HARNESS_CACHE_DIR, else $XDG_CACHE_HOME/harness, else ~/.cache/harness."""
+    if os.environ.get("HARNESS_CACHE_DIR"):
+        return Path(os.environ["HARNESS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "harness"
+
+
+def recipe_key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((net(x).argmax(1) == y).float().mean())
+
+
+def train_digits_cnn(recipe: dict = RECIPE) -> tuple[DigitsCNN, float]:
+    """Trains the model from the recipe on the digits train split; returns it and its test accuracy."""
+    from .data import digits_split
+
+    x_tr, y_tr = digits_split("train")
+    x_te, y_te = digits_split("test")
+    torch.manual_seed(recipe["seed"])
+    g = torch.Generator().manual_seed(recipe["seed"])
+    net = DigitsCNN()
+    opt = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(recipe["epochs"]):
+        net.train()
+        for batch in torch.randperm(len(y_tr), generator=g).split(recipe["batch_size"]):
+            opt.zero_grad()
+            loss_fn(net(x_tr[batch]), y_tr[batch]).backward()
+            opt.step()
+    net.eval()
+    return net, accuracy(net, x_te, y_te)
+
+
+def digits_cnn(recipe: dict = RECIPE) -> tuple[DigitsCNN, Path]:
+    """The trained builtin model, from the cache or trained now (a few seconds) and cached."""
+    from safetensors.torch import load_file, save_file
+
+    from .files import atomic_path
+
+    path = cache_dir() / "models" / f"digits-cnn-{recipe_key(recipe)}.safetensors"
+    net = DigitsCNN()
+    if path.is_file():
+        try:
+            net.load_state_dict(load_file(str(path)))
+            return net.eval(), path
+        except Exception:
+            pass  # a damaged cache entry is retrained, not trusted
+    net, test_acc = train_digits_cnn(recipe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(net.state_dict(), str(tmp), metadata={"recipe": json.dumps(recipe), "test_accuracy": f"{test_acc:.4f}"})
+    return net, path

@@ -1,0 +1,283 @@
+"""YAML (or a dict) becomes a validated, frozen Config before any model or data is loaded.
+
+Every error is a BadInput naming the file and the key path (``attacks[0].epsilons[1]``) and,
+where there is a closed set, the choices that would have been valid.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.functional_validators import BeforeValidator
+from typing_extensions import Annotated
+
+from .errors import BadInput
+
+__all__ = ["Epsilon", "Config", "ModelConfig", "DataConfig", "AttackConfig", "GateConfig", "load_config", "parse_config", "DEFAULT_CONFIG_PATH"]
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
+BACKENDS = ("native", "foolbox", "art")
+_FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*(?:/\s*(\d+(?:\.\d*)?|\.\d+)\s*)?$")
+
+
+@dataclass(frozen=True)
+class Epsilon:
+    """A budget as written in the config ("8/255", 0.1) and its value."""
+
+    label: str
+    value: float
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def parse_epsilon(v: Any) -> Epsilon:
+    if isinstance(v, Epsilon):
+        return v
+    if isinstance(v, bool):
+        raise ValueError(f"epsilon must be a number or a fraction like '8/255', got {v!r}")
+    if isinstance(v, (int, float)):
+        value, label = float(v), repr(v) if isinstance(v, float) else str(v)
+    elif isinstance(v, str):
+        text = v.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                value = float(num) / float(den)
+            else:
+                value = float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"epsilon {v!r} does not parse: write a number or a fraction like '8/255'") from None
+        label = "".join(text.split())
+    else:
+        raise ValueError(f"epsilon must be a number or a fraction like '8/255', got {type(v).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"epsilon {v!r} is not finite")
+    if value < 0:
+        raise ValueError(f"epsilon {v!r} is negative")
+    return Epsilon(label, value)
+
+
+EpsilonField = Annotated[Epsilon, BeforeValidator(parse_epsilon)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise ValueError(f"unknown key {key!r} (valid: {', '.join(cls.model_fields)})")
+        elif data is not None and not isinstance(data, BaseModel):
+            raise ValueError(f"expected a mapping with keys {', '.join(cls.model_fields)}, got {type(data).__name__}")
+        return data
+
+
+class Preprocessing(Strict):
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("every std must be positive")
+        return v
+
+
+class ModelConfig(Strict):
+    source: str = "builtin:digits-cnn"
+    weights: Optional[str] = None
+    num_classes: Optional[int] = Field(default=None, ge=2)
+    preprocessing: Preprocessing = Preprocessing()
+    kwargs: dict[str, Any] = {}
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        from .models import check_source
+
+        _reraise(check_source, v)
+        return v
+
+
+class DataConfig(Strict):
+    source: str = "builtin:digits"
+    split: Literal["train", "test"] = "test"
+    limit: Optional[int] = Field(default=None, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    image_size: Optional[Union[int, tuple[int, int]]] = None
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        from .data import check_source
+
+        _reraise(check_source, v)
+        return v
+
+
+def _reraise(check, value) -> None:
+    try:
+        check(value)
+    except BadInput as e:
+        raise ValueError(e.problem) from None
+
+
+class AttackConfig(Strict):
+    """One attack entry: the general keys here, the attack's own knobs in `params`."""
+
+    name: str
+    norm: Literal["linf", "l2"]
+    epsilons: list[EpsilonField] = Field(min_length=1)
+    backend: Literal["native", "foolbox", "art"] = "native"
+    id: Optional[str] = None
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_params(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "params" not in data:
+            general = {k: v for k, v in data.items() if k in cls.model_fields}
+            params = {k: v for k, v in data.items() if k not in cls.model_fields}
+            return {**general, "params": params}
+        return data
+
+    @model_validator(mode="after")
+    def _attack_exists(self) -> "AttackConfig":
+        from attacks import ATTACKS
+
+        if self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r} (valid: {', '.join(ATTACKS.names())})")
+        self.build()  # validates the knobs now, before any model is loaded
+        return self
+
+    @property
+    def attack_id(self) -> str:
+        if self.id:
+            return self.id
+        return f"{self.name}-{self.norm}" + ("" if self.backend == "native" else f"-{self.backend}")
+
+    def build(self):
+        """The attack value (native, or an adapter over foolbox/ART) with this entry's knobs."""
+        from attacks.config import build_attack
+
+        return build_attack(self.name, self.norm, self.backend, self.params)
+
+
+class GateConfig(Strict):
+    metric: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+    max_drop: Optional[float] = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "GateConfig":
+        given = [k for k in ("min", "max", "max_drop") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a gate needs exactly one of min, max, max_drop (got {', '.join(given) or 'none'})")
+        return self
+
+
+class Config(Strict):
+    name: str = "suite"
+    seed: int = 0
+    device: Union[str, list[str]] = "auto"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    attacks: list[AttackConfig] = []
+    probes: list[dict[str, Any]] = []
+    defenses: list[dict[str, Any]] = []
+    gates: list[GateConfig] = []
+
+    @field_validator("probes", "defenses")
+    @classmethod
+    def _none_yet(cls, v: list, info) -> list:
+        if v:
+            raise ValueError(f"no {info.field_name} are available in this version (valid: none)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        from .devices import parse_devices
+
+        _reraise(parse_devices, self.device)
+        ids = [a.attack_id for a in self.attacks]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"attack id {dup[0]!r} is used twice: give one of them its own `id:`")
+        valid = self.metric_ids()
+        for i, gate in enumerate(self.gates):
+            if gate.metric not in valid:
+                raise ValueError(f"gates[{i}].metric: unknown metric {gate.metric!r} (valid: {', '.join(valid)})")
+        return self
+
+    def metric_ids(self) -> list[str]:
+        """Every metric this suite produces, in a stable order."""
+        from .metrics import suite_metric_ids
+
+        return suite_metric_ids(self)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "tagged-union")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _format_error(e: ValidationError) -> tuple[str, str]:
+    err = e.errors()[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    loc = tuple(p for p in err["loc"] if p not in ("Epsilon", "[function-before]", "function-before[parse_epsilon(), Epsilon]"))
+    if err["type"] == "literal_error":
+        msg = f"{msg} (got {err.get('input')!r})"
+    elif err["type"] == "missing":
+        msg = "this key is required"
+    # a nested unknown-key message already names the key; point the path at it
+    return _loc(tuple(p for p in loc if not str(p).startswith("function-"))), msg
+
+
+def parse_config(raw: Any, source: str = "config") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BadInput(source, f"the config must be a mapping of keys (name, model, data, attacks, gates, ...), got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        where, msg = _format_error(e)
+        raise BadInput(f"{source}: {where}" if where else source, msg) from None
+
+
+def load_config(path: Optional[Union[str, Path]] = None) -> tuple[Config, Path, bytes]:
+    """Reads and validates a YAML config; returns it, the directory relative paths start from, and its bytes."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise BadInput(str(path), "config file not found") from None
+    except OSError as e:
+        raise BadInput(str(path), f"cannot read the config ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BadInput(str(path), f"not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    base = Path.cwd() if path == DEFAULT_CONFIG_PATH else path.resolve().parent
+    return parse_config(raw, str(path)), base, text

@@ -1,0 +1,230 @@
+"""Datasets as the harness sees them: (x, y) tensors in [0, 1], with stable sample ids.
+
+Sources: ``builtin:digits``, ``npz:PATH``, ``torchvision:NAME:ROOT`` (never downloads) and
+``imagefolder:PATH``. Everything is checked where it enters: shape, range, NaN, labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .errors import BadInput
+from .registry import Registry
+
+__all__ = ["Data", "DATASETS", "load_data", "digits_split", "data_from_tensors"]
+
+DATASETS: Registry = Registry("dataset")
+DIGITS_SPLIT_SEED = 0  # the digits train/test split never moves, so a cached model never sees its test set
+DIGITS_TEST_FRACTION = 0.25
+
+
+@dataclass(frozen=True, eq=False)
+class Data:
+    x: torch.Tensor  # (n, C, H, W) float32 in [0, 1]
+    y: torch.Tensor  # (n,) int64
+    ids: torch.Tensor  # (n,) int64, the sample's index in its full split
+    source: str
+    split: str
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def sha256(self) -> str:
+        """Hash of the data as loaded (after subsetting), so a result names exactly what it measured."""
+        h = hashlib.sha256()
+        for t in (self.x.contiguous(), self.y.contiguous(), self.ids.contiguous()):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+
+def _checked(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validates and converts arrays into float32 (n, C, H, W) in [0, 1] and int64 labels."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    if x.dim() != 4:
+        raise BadInput(where, f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise BadInput(where, f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise BadInput(where, "the dataset is empty (0 samples)")
+    if y.dtype.is_floating_point:
+        if not bool(torch.all(y == y.round())):
+            raise BadInput(where, "y must hold integer class labels")
+    elif y.dtype == torch.bool:
+        raise BadInput(where, "y must hold integer class labels, got booleans")
+    y = y.long()
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    elif x.dtype.is_floating_point:
+        x = x.float()
+        if not bool(torch.isfinite(x).all()):
+            raise BadInput(where, "x contains NaN or infinite values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise BadInput(where, f"float x must lie in [0, 1], found values in [{lo:.4g}, {hi:.4g}] (store uint8 0-255 or scale it)")
+    else:
+        raise BadInput(where, f"x must be float in [0, 1] or uint8 0-255, got {x.dtype}")
+    if int(y.min()) < 0:
+        raise BadInput(where, f"labels must be non-negative, found {int(y.min())}")
+    return x.contiguous(), y.contiguous()
+
+
+def digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits, as (n, 1, 8, 8) in [0, 1], split 75/25 with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    images, labels = load_digits(return_X_y=True)
+    x = (images.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, labels, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels
+    )
+    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()) if split == "train" else (
+        torch.from_numpy(x_te),
+        torch.from_numpy(y_te).long(),
+    )
+
+
+@DATASETS.register("builtin:digits")
+def _builtin_digits(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+    return digits_split(split)
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+@DATASETS.register("npz")
+def _npz(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+    path = _resolve(arg, base)
+    if not path.is_file():
+        raise BadInput(str(path), "data file not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:  # never unpickle a data file
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise BadInput(str(path), f"npz is missing array(s) {', '.join(missing)} (found: {', '.join(f.files) or 'none'})")
+            x, y = f["x"], f["y"]
+    except BadInput:
+        raise
+    except ValueError as e:
+        raise BadInput(str(path), f"cannot read npz without unpickling objects: {e}") from None
+    except Exception as e:  # zipfile.BadZipFile, OSError, ...
+        raise BadInput(str(path), f"not a readable npz file ({type(e).__name__}: {e})") from None
+    return _checked(x, y, str(path))
+
+
+def _to_tensors(dataset, where: str, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for i in range(len(dataset)):
+        img, label = dataset[i]
+        xs.append(img)
+        ys.append(int(label))
+    if not xs:
+        raise BadInput(where, "the dataset is empty (0 samples)")
+    shapes = {tuple(t.shape) for t in xs}
+    if len(shapes) > 1:
+        raise BadInput(where, f"images differ in size ({len(shapes)} shapes); set data.image_size to resize them")
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+def _image_transform(image_size):
+    from torchvision import transforms
+
+    steps = [transforms.Resize(tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size)] if image_size else []
+    return transforms.Compose(steps + [transforms.ToTensor()])
+
+
+@DATASETS.register("torchvision")
+def _torchvision(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision.datasets as tvd
+
+    name, _, root = arg.partition(":")
+    if not root:
+        raise BadInput("data.source", "torchvision data needs a local root: torchvision:NAME:ROOT (e.g. torchvision:CIFAR10:./data)")
+    cls = getattr(tvd, name, None)
+    valid = sorted(n for n, c in vars(tvd).items() if inspect.isclass(c) and n[0].isupper() and n not in {"VisionDataset", "DatasetFolder", "ImageFolder"})
+    if cls is None or not inspect.isclass(cls):
+        raise BadInput("data.source", f"unknown torchvision dataset {name!r} (valid: {', '.join(valid)})")
+    path = _resolve(root, base)
+    params = inspect.signature(cls).parameters
+    kwargs = {"root": str(path), "transform": _image_transform(image_size)}
+    if "download" in params:
+        kwargs["download"] = False  # no network at run time, ever
+    if "train" in params:
+        kwargs["train"] = split == "train"
+    elif "split" in params:
+        kwargs["split"] = split
+    try:
+        dataset = cls(**kwargs)
+    except Exception as e:
+        raise BadInput(str(path), f"cannot load torchvision {name} from this root without downloading ({type(e).__name__}: {e})") from None
+    return _to_tensors(dataset, str(path), image_size)
+
+
+@DATASETS.register("imagefolder")
+def _imagefolder(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.datasets import ImageFolder
+
+    path = _resolve(arg, base)
+    if (path / split).is_dir():  # root/test/<class>/img.png, or root/<class>/img.png
+        path = path / split
+    if not path.is_dir():
+        raise BadInput(str(path), "image folder not found")
+    try:
+        dataset = ImageFolder(str(path), transform=_image_transform(image_size))
+    except Exception as e:
+        raise BadInput(str(path), f"not a usable image folder ({type(e).__name__}: {e})") from None
+    x, y = _to_tensors(dataset, str(path), image_size)
+    return _checked(x, y, str(path))
+
+
+def _scheme(source: str) -> tuple[str, str]:
+    if source in DATASETS:
+        return source, ""
+    scheme, sep, arg = source.partition(":")
+    if not sep or scheme not in DATASETS or scheme.startswith("builtin"):
+        raise BadInput("data.source", f"unknown data source {source!r} (valid: {', '.join(dataset_choices())})")
+    return scheme, arg
+
+
+def dataset_choices() -> list[str]:
+    return [n if n.startswith("builtin:") else f"{n}:PATH" if n != "torchvision" else "torchvision:NAME:ROOT" for n in DATASETS.names()]
+
+
+def check_source(source: str) -> None:
+    """Raises BadInput for a source naming no known dataset or scheme (no file is read)."""
+    _scheme(source)
+
+
+def subset(n: int, limit: Optional[int], seed: int) -> torch.Tensor:
+    """A deterministic subset of `limit` indices out of n, in increasing order (all when limit is None)."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:limit].sort().values
+
+
+def load_data(source: str, split: str = "test", limit: Optional[int] = None, seed: int = 0,
+              base: Path = Path("."), image_size=None) -> Data:
+    scheme, arg = _scheme(source)
+    x, y = DATASETS.get(scheme)(arg, split, base, image_size)
+    x, y = _checked(x, y, source)
+    idx = subset(len(y), limit, seed)
+    return Data(x=x[idx].contiguous(), y=y[idx].contiguous(), ids=idx, source=source, split=split)
+
+
+def data_from_tensors(x: torch.Tensor, y: torch.Tensor, limit: Optional[int] = None, seed: int = 0) -> Data:
+    """Data handed in by Python code (harness.run(data=(x, y)))."""
+    x, y = _checked(x, y, "data")
+    idx = subset(len(y), limit, seed)
+    return Data(x=x[idx].contiguous(), y=y[idx].contiguous(), ids=idx, source="python:tensors", split="given")

@@ -1,0 +1,214 @@
+"""Models as the harness sees them: [0, 1] inputs in, logits out, always in eval mode.
+
+Sources: ``builtin:digits-cnn``, ``python:module:factory``, ``torchvision:NAME`` (weights from a
+local file only) and ``torchscript:PATH``. Weights are safetensors or a plain state_dict read
+with ``torch.load(weights_only=True)``: an arbitrary pickle is refused and its code never runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import BadInput
+from .files import sha256_file
+from .registry import Registry
+
+__all__ = ["BoundedModel", "MODELS", "load_model", "load_weights", "state_dict_sha256", "model_choices", "check_source"]
+
+MODELS: Registry = Registry("model")
+
+
+class BoundedModel(nn.Module):
+    """Wraps a network so attacks see only [0, 1] inputs and logits.
+
+    It owns normalization (mean/std), keeps the network in eval mode whatever is asked, and,
+    when the network outputs probabilities, hands out their logarithm as logits (softmax of the
+    result gives back the same probabilities; the cross-entropy loss stays well defined).
+    """
+
+    def __init__(self, net: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
+        super().__init__()
+        self.net = net
+        for p in self.net.parameters():
+            p.requires_grad_(False)  # attacks need input gradients only
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.outputs_probabilities = False
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "BoundedModel":
+        return super().train(False)  # evaluation never runs a model in training mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            x = x - self.mean
+        if self.std is not None:
+            x = x / self.std
+        out = self.net(x)
+        if self.outputs_probabilities:
+            out = torch.log(out.clamp_min(1e-30))
+        return out
+
+
+def looks_like_probabilities(out: torch.Tensor) -> bool:
+    """True when every row is non-negative, at most 1 and sums to 1: a softmax head, not logits."""
+    if out.numel() == 0 or not bool(torch.isfinite(out).all()):
+        return False
+    sums = out.sum(dim=1)
+    return bool((out >= 0).all() and (out <= 1).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
+
+
+def state_dict_sha256(net: nn.Module) -> str:
+    """A hash of the model's parameters and buffers as evaluated, whatever file they came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from safetensors or a weights-only torch file; never an arbitrary pickle."""
+    if not path.is_file():
+        raise BadInput(str(path), "weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise BadInput(str(path), f"corrupt safetensors file ({type(e).__name__}: {_one_line(e)})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise BadInput(str(path), "refused: the file needs arbitrary unpickling to load (save a state_dict or safetensors instead)") from None
+        raise BadInput(str(path), f"corrupt or unreadable weights file ({_one_line(e)})") from None
+    except Exception as e:
+        raise BadInput(str(path), f"corrupt or unreadable weights file ({type(e).__name__}: {_one_line(e)})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BadInput(str(path), "weights must be a state_dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _apply_weights(net: nn.Module, path: Path) -> None:
+    state = load_weights(path)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        result = _one_line(e).removeprefix("Error(s) in loading state_dict for ")
+        raise BadInput(str(path), f"weights do not fit the architecture: {result}") from None
+
+
+@MODELS.register("builtin:digits-cnn")
+def _builtin_digits_cnn(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
+    from .builtin import digits_cnn
+
+    if num_classes not in (None, 10):
+        raise BadInput("model.num_classes", f"builtin:digits-cnn has 10 classes, not {num_classes}")
+    net, _ = digits_cnn()
+    return net
+
+
+@MODELS.register("python")
+def _python_factory(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
+    module_name, sep, attr = arg.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise BadInput("model.source", f"expected python:MODULE:FACTORY, got python:{arg}")
+    for path in (str(base), str(Path.cwd())):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise BadInput("model.source", f"cannot import module {module_name!r} ({type(e).__name__}: {_one_line(e)})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise BadInput("model.source", f"module {module_name!r} has no callable {attr!r}")
+    try:
+        net = factory(**kwargs)
+    except Exception as e:
+        raise BadInput("model.source", f"factory {arg} failed ({type(e).__name__}: {_one_line(e)})") from None
+    if not isinstance(net, nn.Module):
+        raise BadInput("model.source", f"factory {arg} returned {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+@MODELS.register("torchvision")
+def _torchvision(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
+    import torchvision
+
+    valid = torchvision.models.list_models()
+    if arg not in valid:
+        raise BadInput("model.source", f"unknown torchvision model {arg!r} (valid: {', '.join(valid)})")
+    extra = {"num_classes": num_classes} if num_classes is not None else {}
+    return torchvision.models.get_model(arg, weights=None, **extra, **kwargs)
+
+
+@MODELS.register("torchscript")
+def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
+    path = _resolve(arg, base)
+    if not path.is_file():
+        raise BadInput(str(path), "TorchScript file not found")
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise BadInput(str(path), f"not a loadable TorchScript archive ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def model_choices() -> list[str]:
+    forms = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "torchscript": "torchscript:PATH"}
+    return [forms.get(n, n) for n in MODELS.names()]
+
+
+def _scheme(source: str) -> tuple[str, str]:
+    if source in MODELS:
+        return source, ""
+    scheme, sep, arg = source.partition(":")
+    if not sep or scheme not in MODELS or scheme == "builtin" or not arg:
+        raise BadInput("model.source", f"unknown model source {source!r} (valid: {', '.join(model_choices())})")
+    return scheme, arg
+
+
+def check_source(source: str) -> None:
+    _scheme(source)
+
+
+def load_model(source: str, weights: Optional[str] = None, num_classes: Optional[int] = None,
+               mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+               kwargs: Optional[dict[str, Any]] = None, base: Path = Path(".")) -> tuple[BoundedModel, dict[str, Any]]:
+    """Builds the wrapped model and a provenance record (hashes of weights and parameters)."""
+    scheme, arg = _scheme(source)
+    if scheme == "torchvision" and weights is None:
+        raise BadInput("model.weights", "torchvision models need a local weights file (nothing is downloaded)")
+    net = MODELS.get(scheme)(arg, num_classes, dict(kwargs or {}), base)
+    info: dict[str, Any] = {"source": source}
+    if weights is not None:
+        path = _resolve(weights, base)
+        _apply_weights(net, path)
+        info["weights"] = str(path)
+        info["weights_sha256"] = sha256_file(path)
+    info["model_sha256"] = state_dict_sha256(net)
+    return BoundedModel(net, mean, std), info
