@@ -7,13 +7,16 @@ native attacks (the runner trusts no attack).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import threading
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Iterator, Optional
 
 import numpy as np
 import torch
 
+from harness.errors import BadInput
 from harness.registry import Registry
 
 from .threat import ThreatModel
@@ -25,8 +28,13 @@ ADAPTERS: Registry[type] = Registry("backend")
 _PACKAGES = {"foolbox": ("foolbox", "foolbox"), "art": ("adversarial-robustness-toolbox", "art")}
 
 
-class MissingDependency(ImportError):
-    pass
+class MissingDependency(BadInput, ImportError):
+    """An optional library is not installed: bad input (exit 2), the config asks for a backend this
+    environment lacks. A BadInput so that the runner passes it through instead of calling it a
+    failed run (exit 3)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("", message)
 
 
 def require(module: str):
@@ -40,21 +48,37 @@ def require(module: str):
         ) from None
 
 
-def _by_epsilon(threat: ThreatModel, x: torch.Tensor, run) -> torch.Tensor:
+def _by_epsilon(threat: ThreatModel, x: torch.Tensor, run: Callable) -> torch.Tensor:
     """Libraries take one epsilon per call: run once per distinct per-sample epsilon."""
     eps = threat.per_sample(x)
-    out = torch.empty_like(x)
+    out = x.detach().clone()  # epsilon 0 leaves nothing to search (and ART refuses a zero step)
     for value in torch.unique(eps).tolist():
-        mask = eps == value
-        out[mask] = run(x[mask], mask, float(value))
+        if value > 0:
+            mask = eps == value
+            out[mask] = run(x[mask], mask, float(value))
     return out
 
 
-def _seed_from(generator: Optional[torch.Generator]) -> None:
-    # The libraries draw random starts from the global generators; seed them from ours.
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if generator is not None else 0
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+# The libraries draw random starts from the process-wide generators, which threads sharding a run
+# over devices share: one library call at a time keeps each call's draws its own.
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded_from(generator: Optional[torch.Generator], device: torch.device) -> Iterator[None]:
+    """Seeds the global torch and numpy generators from ours, and restores them afterwards."""
+    seed = 0 if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=cuda):
+        state = np.random.get_state()
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed_all(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
 
 
 @ADAPTERS.register("foolbox")
@@ -80,7 +104,6 @@ class FoolboxAttack:
 
     def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None):
         fb = require("foolbox")
-        _seed_from(generator)
         fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0), device=x.device)
         attack = self._library_attack(fb, threat.norm)
 
@@ -88,7 +111,8 @@ class FoolboxAttack:
             _, clipped, _ = attack(fmodel, xs, y[mask], epsilons=eps)
             return clipped
 
-        return _by_epsilon(threat, x, run)
+        with _seeded_from(generator, x.device):
+            return _by_epsilon(threat, x, run)
 
 
 @ADAPTERS.register("art")
@@ -109,13 +133,14 @@ class ARTAttack:
         from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescentPyTorch
         from art.estimators.classification import PyTorchClassifier
 
-        _seed_from(generator)
         with torch.no_grad():
             n_classes = int(model(x[:1]).shape[1])
-        clf = PyTorchClassifier(
-            model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=n_classes,
-            clip_values=(0.0, 1.0), device_type="gpu" if x.is_cuda else "cpu",
-        )
+        # ART puts the model on the *current* CUDA device (moving it in place): make that x's device.
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            clf = PyTorchClassifier(
+                model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=n_classes,
+                clip_values=(0.0, 1.0), device_type="gpu" if x.is_cuda else "cpu",
+            )
         norm = np.inf if threat.norm == "linf" else 2
 
         def run(xs, mask, eps):
@@ -130,4 +155,5 @@ class ARTAttack:
             adv = attack.generate(xs.detach().cpu().numpy(), y=y[mask].detach().cpu().numpy())
             return torch.from_numpy(adv).to(x.device, x.dtype)
 
-        return _by_epsilon(threat, x, run)
+        with _seeded_from(generator, x.device):
+            return _by_epsilon(threat, x, run)

@@ -14,8 +14,25 @@ from .threat import ThreatModel
 __all__ = ["FGSM", "PGD"]
 
 
+LOSSES = ("ce", "margin")
+
+
 def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def per_sample_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Cross-entropy, or the margin loss max_{j != y} z_j - z_y (Carlini & Wagner 2017).
+
+    Cross-entropy saturates on confident predictions: its gradient then points away from the true
+    class rather than towards the nearest other one, and PGD can miss points that are breakable
+    (a linear model shows it in closed form). The margin loss aims at the runner-up class.
+    """
+    if kind == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], -float("inf")).amax(dim=1)
+    return other - true
 
 
 @ATTACKS.register("fgsm")
@@ -31,16 +48,22 @@ class FGSM:
 
     random_start: bool = False
     rel_stepsize: float = 1.0
+    loss: str = "ce"
 
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
     def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None):
         check_batch(x, y)
         x = x.detach()
         x_adv = threat.random_start(x, generator) if self.random_start else x.clone()
         x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
+        with torch.enable_grad():  # callers may hold no_grad; the attack still needs input gradients
+            loss = per_sample_loss(model(x_adv), y, self.loss).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
         step = _view(threat.per_sample(x) * self.rel_stepsize, x)
         return threat.project(x_adv.detach() + step * threat.normalize_grad(grad), x)
 
@@ -51,9 +74,10 @@ class PGD:
     """Projected gradient descent (Madry et al. 2018, https://arxiv.org/abs/1706.06083).
 
     Norms: linf, l2. Step size is ``rel_stepsize * epsilon`` (default 2.5 / steps, Madry's
-    schedule) unless ``abs_stepsize`` is set. Per sample it returns the first iterate that
-    fools the model, else the iterate with the highest loss, never simply the last one; with
-    ``early_stop`` a sample leaves the batch once it is fooled. Example::
+    schedule) unless ``abs_stepsize`` is set; ``loss`` is ``ce`` (cross-entropy) or ``margin``.
+    Per sample it returns the first iterate that fools the model, else the iterate with the
+    highest loss, never simply the last one; with ``early_stop`` a sample leaves the batch once
+    it is fooled. Example::
 
         x_adv = PGD(steps=40)(model, x, y, ThreatModel("l2", 0.5))
     """
@@ -63,12 +87,15 @@ class PGD:
     abs_stepsize: Optional[float] = None
     random_start: bool = True
     early_stop: bool = True
+    loss: str = "ce"
 
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
     def step_sizes(self, threat: ThreatModel, x: torch.Tensor) -> torch.Tensor:
         if self.abs_stepsize is not None:
@@ -77,6 +104,10 @@ class PGD:
         return threat.per_sample(x) * rel
 
     def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None):
+        with torch.enable_grad():  # callers may hold no_grad; the attack still needs input gradients
+            return self._run(model, x, y, threat, generator)
+
+    def _run(self, model, x, y, threat: ThreatModel, generator: Optional[torch.Generator]) -> torch.Tensor:
         check_batch(x, y)
         x = x.detach()
         best = x.clone()
@@ -92,7 +123,7 @@ class PGD:
         for t in range(self.steps + 1):
             x_adv.requires_grad_(True)
             logits = model(x_adv)
-            loss = F.cross_entropy(logits, ys, reduction="none")
+            loss = per_sample_loss(logits, ys, self.loss)
             success = logits.argmax(dim=1) != ys
             improve = ~fooled & (success | (loss > best_loss))
             best_s = torch.where(_view(improve, xs), x_adv.detach(), best_s)

@@ -25,7 +25,8 @@ class _State:
 
 
 def _fail(code: int, message: str) -> None:
-    click.echo(f"harness: {message}", err=True)
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())  # one line, whatever a library said
+    click.echo(f"harness: {line}", err=True)
     sys.exit(code)
 
 
@@ -89,7 +90,7 @@ def _print_summary(card, out: Optional[Path]) -> None:
 
 
 @cli.command()
-@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config", required=False, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory [default: reports/<name>-<timestamp>/].")
 @click.option("--device", help="auto, cpu, cuda, cuda:N, or a comma-separated list to shard batches over.")
 @click.option("--baseline", type=click.Path(path_type=Path), help="A scorecard to judge max_drop gates against.")
@@ -111,7 +112,7 @@ def run(config: Optional[Path], out: Optional[Path], device: Optional[str], base
 
 @cli.command()
 @click.argument("scorecard", type=click.Path(path_type=Path))
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="Judge with this config's gates instead of the scorecard's own.")
+@click.option("--config", type=click.Path(path_type=Path), help="Judge with this config's gates instead of the scorecard's own.")
 @click.option("--baseline", type=click.Path(path_type=Path), help="A scorecard to judge max_drop gates against.")
 @_guard
 def gate(scorecard: Path, config: Optional[Path], baseline: Optional[Path]) -> None:
@@ -124,7 +125,7 @@ def gate(scorecard: Path, config: Optional[Path], baseline: Optional[Path]) -> N
 
 
 @cli.command()
-@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config", type=click.Path(path_type=Path))
 @_guard
 def validate(config: Path) -> None:
     """Check a config without loading a model or data."""

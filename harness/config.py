@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.functional_serializers import PlainSerializer
 from pydantic.functional_validators import BeforeValidator
 from typing_extensions import Annotated
 
@@ -64,7 +65,14 @@ def parse_epsilon(v: Any) -> Epsilon:
     return Epsilon(label, value)
 
 
-EpsilonField = Annotated[Epsilon, BeforeValidator(parse_epsilon)]
+# Serialized as written, so a dumped config parses back to the same labels and values.
+EpsilonField = Annotated[Epsilon, BeforeValidator(parse_epsilon), PlainSerializer(lambda e: e.label, return_type=str)]
+
+
+class _UnknownKey(ValueError):
+    def __init__(self, key: Any, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class Strict(BaseModel):
@@ -76,7 +84,7 @@ class Strict(BaseModel):
         if isinstance(data, dict):
             for key in data:
                 if key not in cls.model_fields:
-                    raise ValueError(f"unknown key {key!r} (valid: {', '.join(cls.model_fields)})")
+                    raise _UnknownKey(key, f"unknown key {key!r} (valid: {', '.join(cls.model_fields)})")
         elif data is not None and not isinstance(data, BaseModel):
             raise ValueError(f"expected a mapping with keys {', '.join(cls.model_fields)}, got {type(data).__name__}")
         return data
@@ -210,7 +218,10 @@ class Config(Strict):
     def _cross_checks(self) -> "Config":
         from .devices import parse_devices
 
-        _reraise(parse_devices, self.device)
+        try:
+            parse_devices(self.device)
+        except BadInput as e:
+            raise ValueError(str(e)) from None  # "device: ...", like the gate paths below
         ids = [a.attack_id for a in self.attacks]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
@@ -248,7 +259,9 @@ def _format_error(e: ValidationError) -> tuple[str, str]:
         msg = f"{msg} (got {err.get('input')!r})"
     elif err["type"] == "missing":
         msg = "this key is required"
-    # a nested unknown-key message already names the key; point the path at it
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, _UnknownKey):  # the validator runs on the mapping; point the path at the key itself
+        loc = (*loc, cause.key)
     return _loc(tuple(p for p in loc if not str(p).startswith("function-"))), msg
 
 
@@ -278,6 +291,7 @@ def load_config(path: Optional[Union[str, Path]] = None) -> tuple[Config, Path, 
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise BadInput(str(path), f"not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        detail = " ".join(str(getattr(e, "problem", None) or e).split())  # a reader error spans two lines
+        raise BadInput(str(path), f"not valid YAML{where}: {detail}") from None
     base = Path.cwd() if path == DEFAULT_CONFIG_PATH else path.resolve().parent
     return parse_config(raw, str(path)), base, text

@@ -140,7 +140,9 @@ def _to_tensors(dataset, where: str, image_size) -> tuple[torch.Tensor, torch.Te
 def _image_transform(image_size):
     from torchvision import transforms
 
-    steps = [transforms.Resize(tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size)] if image_size else []
+    # an int means a square: Resize(int) would only set the shorter side and keep mixed aspect ratios apart
+    size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+    steps = [transforms.Resize(size)] if image_size else []
     return transforms.Compose(steps + [transforms.ToTensor()])
 
 

@@ -95,9 +95,10 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
+        # the weights-only loader names an opcode it cannot read (random bytes) or a global it will not call (code)
+        if "weights only" in str(e).lower() and "unsupported operand" not in str(e).lower():
             raise BadInput(str(path), "refused: the file needs arbitrary unpickling to load (save a state_dict or safetensors instead)") from None
-        raise BadInput(str(path), f"corrupt or unreadable weights file ({_one_line(e)})") from None
+        raise BadInput(str(path), "corrupt or unreadable weights file (not a torch.save archive or pickle of tensors)") from None
     except Exception as e:
         raise BadInput(str(path), f"corrupt or unreadable weights file ({type(e).__name__}: {_one_line(e)})") from None
     for key in ("state_dict", "model_state_dict", "model"):

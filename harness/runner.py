@@ -78,14 +78,14 @@ class Evaluation:
     checks: list[dict[str, str]] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        out = {"clean_accuracy": float(self.correct.float().mean())}
+        out = {"clean_accuracy": int(self.correct.sum()) / self.n}
         attacked = int(self.correct.sum())
         for r in self.results:
             rec = r.record(attacked)
             out[metric_id("robust_accuracy", rec["id"], rec["epsilon"])] = rec["robust_accuracy"]
             out[metric_id("attack_success_rate", rec["id"], rec["epsilon"])] = rec["attack_success_rate"]
         for key, robust in self.worst_case().items():
-            out[key] = float(robust.float().mean())
+            out[key] = int(robust.sum()) / self.n
         return out
 
     def worst_case(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,59 @@
+"""Shared fixtures: the builtin digits model and data (trained once, cached), a tiny model factory,
+and a CLI runner that reports exit codes like the console script."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+
+@pytest.fixture(scope="session")
+def digits_model() -> nn.Module:
+    from harness.builtin import digits_cnn
+
+    return digits_cnn()[0]
+
+
+@pytest.fixture(scope="session")
+def digits_test() -> tuple[torch.Tensor, torch.Tensor]:
+    from harness.data import digits_split
+
+    return digits_split("test")
+
+
+@pytest.fixture(scope="session")
+def wrapped_digits(digits_model):
+    from harness.models import BoundedModel
+
+    return BoundedModel(digits_model)
+
+
+class LinearNet(nn.Module):
+    """A tiny model whose behaviour is known in closed form (used by reference-value tests)."""
+
+    def __init__(self, in_features: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def tiny_linear(num_classes: int = 10) -> nn.Module:
+    """A python:tests.conftest:tiny_linear factory for configs in tests."""
+    torch.manual_seed(0)
+    return LinearNet(64, num_classes)
+
+
+@pytest.fixture
+def cli():
+    from harness.cli import cli as group
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(group, list(args), catch_exceptions=False)
+
+    return invoke

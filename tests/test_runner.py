@@ -1,0 +1,162 @@
+"""The runner: it re-checks every attack, keeps finished work, and is deterministic."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import harness
+from attacks import ATTACKS
+from harness.devices import shard_map
+from harness.errors import RunFailed
+
+SMALL = {
+    "name": "small",
+    "data": {"limit": 120, "batch_size": 64},
+    "attacks": [
+        {"name": "fgsm", "norm": "linf", "epsilons": [0.05, 0.1]},
+        {"name": "pgd", "norm": "linf", "epsilons": [0.05, 0.1, "1/5"], "steps": 10},
+    ],
+    "gates": [{"metric": "clean_accuracy", "min": 0.9}],
+}
+
+
+@dataclass(frozen=True)
+class Overshoot:
+    """A broken attack: steps twice the budget away from x."""
+
+    norms: ClassVar = ("linf", "l2")
+
+    def __call__(self, model, x, y, threat, *, generator=None):
+        eps = threat.per_sample(x).view(-1, 1, 1, 1)
+        return x + 2 * eps * torch.where(x > 0.5, -1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class OutOfBox:
+    """Inside the budget but outside [0, 1]: the runner clips, and that is no violation."""
+
+    norms: ClassVar = ("linf",)
+
+    def __call__(self, model, x, y, threat, *, generator=None):
+        return x + threat.per_sample(x).view(-1, 1, 1, 1)
+
+
+@dataclass(frozen=True)
+class Explodes:
+    norms: ClassVar = ("linf",)
+
+    def __call__(self, model, x, y, threat, *, generator=None):
+        raise RuntimeError("simulated crash inside an attack")
+
+
+@pytest.fixture
+def planted(monkeypatch):
+    for name, cls in (("overshoot", Overshoot), ("outofbox", OutOfBox), ("explodes", Explodes)):
+        monkeypatch.setitem(ATTACKS._entries, name, cls)
+
+
+def test_metrics_are_consistent(digits_model):
+    card = harness.run(SMALL)
+    m = card.metrics
+    n = card.provenance["samples"]
+    assert n == 120
+    clean = m["clean_accuracy"]
+    assert clean >= 0.95
+    for a in card.attacks:
+        assert a["n"] == n and a["n_attacked"] == round(clean * n)  # only correct points are attacked
+        assert a["robust_accuracy"] == pytest.approx((a["n_attacked"] - a["n_broken"]) / n)
+        assert a["attack_success_rate"] == pytest.approx(a["n_broken"] / a["n_attacked"])
+        assert a["robust_accuracy"] <= clean
+        assert a["perturbation"]["max"] <= a["epsilon_value"] + 1e-6
+    pgd = [m[f"robust_accuracy:pgd-linf@{e}"] for e in ("0.05", "0.1", "1/5")]
+    assert pgd[0] >= pgd[1] >= pgd[2]  # robust accuracy falls as epsilon grows
+    assert pgd[0] > pgd[2] + 0.3
+    for e in ("0.05", "0.1"):  # the worst case is no better than any single attack
+        worst = m[f"robust_accuracy:worst-linf@{e}"]
+        assert worst <= min(m[f"robust_accuracy:fgsm-linf@{e}"], m[f"robust_accuracy:pgd-linf@{e}"])
+    assert m["robust_accuracy:worst-linf@1/5"] == m["robust_accuracy:pgd-linf@1/5"]
+    assert {c["name"]: c["status"] for c in card.checks} == {"output-logits": "pass", "budget": "pass", "finite": "pass"}
+
+
+def test_worst_case_is_per_sample_not_min_of_means():
+    from harness.config import AttackConfig, Epsilon
+    from harness.runner import AttackResult, Evaluation
+
+    correct = torch.tensor([True, True, True, True])
+    eps = Epsilon("0.1", 0.1)
+    a = AttackConfig(name="pgd", norm="linf", epsilons=[0.1])
+    b = AttackConfig(name="fgsm", norm="linf", epsilons=[0.1])
+    nan = torch.full((4,), float("nan"))
+    ev = Evaluation(n=4, correct=correct, results=[
+        AttackResult(a, eps, torch.tensor([True, True, False, False]), nan, 0.0, 0, 0),
+        AttackResult(b, eps, torch.tensor([False, True, True, True]), nan, 0.0, 0, 0),
+    ])
+    m = ev.metrics()
+    assert m["robust_accuracy:pgd-linf@0.1"] == 0.5 and m["robust_accuracy:fgsm-linf@0.1"] == 0.75
+    assert m["robust_accuracy:worst-linf@0.1"] == 0.25  # only sample 1 survives both
+
+
+def test_same_seed_same_metrics():
+    a, b = harness.run(SMALL), harness.run(SMALL)
+    assert a.metrics == b.metrics
+    assert [x["n_broken"] for x in a.attacks] == [x["n_broken"] for x in b.attacks]
+
+
+def test_sharding_over_devices_gives_the_same_metrics():
+    single = harness.run(SMALL, device="cpu")
+    sharded = harness.run(SMALL, device=["cpu", "cpu", "cpu"])
+    assert sharded.provenance["device"] == "cpu,cpu,cpu"
+    assert single.metrics == sharded.metrics
+
+
+def test_shard_map_keeps_order_and_slots():
+    seen = []
+
+    def fn(i, item, slot):
+        seen.append((i, slot))
+        return item * 10
+
+    out = shard_map(fn, list(range(7)), 3)
+    assert out == [0, 10, 20, 30, 40, 50, 60]
+    assert sorted(seen) == [(i, i % 3) for i in range(7)]
+
+
+def test_planted_budget_violation_fails_the_run(planted, tmp_path):
+    cfg = {**SMALL, "attacks": [{"name": "overshoot", "norm": "linf", "epsilons": [0.1]}]}
+    card = harness.run(cfg, out=tmp_path)
+    budget = next(c for c in card.checks if c["name"] == "budget")
+    attacked = card.attacks[0]["n_attacked"]
+    assert budget["status"] == "fail" and f"{attacked} adversarial" in budget["detail"]
+    assert card.attacks[0]["budget_violations"] == attacked
+    # out-of-budget examples do not count as adversarial: robust accuracy stays at clean accuracy
+    assert card.attacks[0]["robust_accuracy"] == card.metrics["clean_accuracy"]
+    assert card.passed is False and card.verdict == "fail" and card.exit_code == 1
+    assert all(g["verdict"] == "pass" for g in card.gates)  # the check alone fails it
+
+
+def test_out_of_bounds_is_clipped_not_flagged(planted):
+    cfg = {**SMALL, "attacks": [{"name": "outofbox", "norm": "linf", "epsilons": [0.1]}]}
+    card = harness.run(cfg)
+    assert next(c for c in card.checks if c["name"] == "budget")["status"] == "pass"
+    assert card.passed
+
+
+def test_crash_keeps_finished_results(planted, tmp_path):
+    cfg = {**SMALL, "attacks": [SMALL["attacks"][0], {"name": "explodes", "norm": "linf", "epsilons": [0.1]}]}
+    with pytest.raises(RunFailed, match="simulated crash"):
+        harness.run(cfg, out=tmp_path)
+    partial = harness.Scorecard.load(tmp_path / "scorecard.partial.json")
+    assert [a["id"] for a in partial.attacks] == ["fgsm-linf", "fgsm-linf"]
+    assert "robust_accuracy:fgsm-linf@0.1" in partial.metrics
+    assert partial.verdict == "inconclusive" and not (tmp_path / "scorecard.json").exists()
+
+
+def test_probability_outputs_are_turned_into_logits(digits_model):
+    net = torch.nn.Sequential(digits_model, torch.nn.Softmax(dim=1))
+    card = harness.run({**SMALL, "attacks": [SMALL["attacks"][1]]}, model=net)
+    assert next(c for c in card.checks if c["name"] == "output-logits")["status"] == "warn"
+    plain = harness.run({**SMALL, "attacks": [SMALL["attacks"][1]]}, model=digits_model)
+    # log-probabilities are logits up to a constant: the attack is as strong as on the raw model
+    assert abs(card.metrics["robust_accuracy:pgd-linf@0.1"] - plain.metrics["robust_accuracy:pgd-linf@0.1"]) <= 0.02
