@@ -1,0 +1,181 @@
+"""The command line end to end: the embedded default, outputs as the SPEC says, exit codes, re-gating."""
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from harness.cli import cli as group
+
+SPEC_KEYS = {"schema_version", "name", "passed", "verdict", "metrics", "gates", "attacks", "probes", "defenses", "checks", "provenance"}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "out"
+    result = CliRunner().invoke(group, ["run", "--out", str(out)], catch_exceptions=False)
+    return result, out
+
+
+def test_default_run_passes_honestly(default_run):
+    result, out = default_run
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "scorecard.json").read_text())
+    assert set(card) == SPEC_KEYS
+    assert card["schema_version"] == 1 and card["passed"] is True and card["verdict"] == "pass"
+    m = card["metrics"]
+    assert m["clean_accuracy"] >= 0.95  # the builtin model on its held-out split (measured 0.9822)
+    pgd = [m[f"robust_accuracy:pgd-linf@{e}"] for e in ("0.025", "0.05", "0.1", "0.2")]
+    assert pgd == sorted(pgd, reverse=True) and pgd[0] > 0.9 and pgd[-1] < 0.1  # measured 0.96 .. 0.02
+    assert m["robust_accuracy:worst-linf@0.05"] >= 0.8
+    assert {"attack_success_rate:fgsm-linf@0.1", "robust_accuracy:worst-linf@0.2"} <= set(m)
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+
+
+def test_default_run_outputs(default_run):
+    _, out = default_run
+    assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "report.html", "scorecard.json", "summary.md"]
+    card = json.loads((out / "scorecard.json").read_text())
+    gate = card["gates"][0]
+    assert set(gate) >= {"metric", "op", "threshold", "value", "ci95", "passed", "verdict", "baseline"}
+    attack = card["attacks"][0]
+    assert set(attack) >= {"id", "name", "backend", "norm", "epsilon", "robust_accuracy", "attack_success_rate", "n", "seconds"}
+    assert attack["id"] == "fgsm-linf" and attack["epsilon"] == "0.025" and attack["backend"] == "native"
+    prov = card["provenance"]
+    assert len(prov["model_sha256"]) == 64 and len(prov["dataset_sha256"]) == 64 and len(prov["config_sha256"]) == 64
+    assert prov["seed"] == 0 and prov["device"] == "cpu" and prov["versions"]["torch"] and prov["duration_s"] > 0
+    suites = ET.parse(out / "junit.xml").getroot()
+    gates_suite = suites.find("testsuite")
+    assert gates_suite.get("tests") == str(len(card["gates"])) and gates_suite.get("failures") == "0"
+    assert len(gates_suite.findall("testcase")) == len(card["gates"])
+    md = (out / "summary.md").read_text()
+    assert "| gate | value |" in md and "pass" in md
+    html = (out / "report.html").read_text()
+    assert "<html" in html and "digits-cnn" in html and "http://" not in html and "https://" not in html
+
+
+def test_same_outputs_on_rerun(default_run, tmp_path):
+    _, out = default_run
+    result = CliRunner().invoke(group, ["run", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0
+    a = json.loads((out / "scorecard.json").read_text())
+    b = json.loads((tmp_path / "scorecard.json").read_text())
+    assert a["metrics"] == b["metrics"] and a["provenance"]["model_sha256"] == b["provenance"]["model_sha256"]
+
+
+def _config(tmp_path: Path, **overrides) -> Path:
+    cfg = {
+        "name": "tiny",
+        "data": {"limit": 60},
+        "attacks": [{"name": "pgd", "norm": "linf", "epsilons": [0.1], "steps": 5}],
+        "gates": [{"metric": "clean_accuracy", "min": 0.9}],
+        **overrides,
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_failed_gate_exits_1_and_says_why(cli, tmp_path):
+    cfg = _config(tmp_path, gates=[{"metric": "robust_accuracy:pgd-linf@0.1", "min": 0.99}])
+    result = cli("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert "fail" in result.stdout and "below the minimum 0.99" in result.stdout
+    suite = ET.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite")
+    failure = suite.find("testcase/failure")
+    assert suite.get("failures") == "1" and "below the minimum" in failure.get("message")
+
+
+def test_gate_rejudges_without_rerunning(cli, tmp_path):
+    cfg = _config(tmp_path)
+    assert cli("run", str(cfg), "--out", str(tmp_path / "a")).exit_code == 0
+    card = tmp_path / "a" / "scorecard.json"
+    assert cli("gate", str(card)).exit_code == 0
+    strict = _config(tmp_path, gates=[{"metric": "clean_accuracy", "min": 0.999}])
+    result = cli("gate", str(card), "--config", str(strict))
+    assert result.exit_code == 1 and "clean_accuracy >= 0.999" in result.stdout
+    assert json.loads(card.read_text())["passed"] is True  # re-judging never rewrites the scorecard
+
+
+def test_baseline_max_drop(cli, tmp_path):
+    cfg = _config(tmp_path, gates=[{"metric": "robust_accuracy:pgd-linf@0.1", "max_drop": 0.0}])
+    result = cli("run", str(cfg), "--out", str(tmp_path / "a"))
+    assert result.exit_code == 1 and "inconclusive" in result.stdout  # no baseline: cannot be judged
+    base = tmp_path / "a" / "scorecard.json"
+    assert cli("gate", str(base), "--baseline", str(base)).exit_code == 0
+    better = json.loads(base.read_text())
+    better["metrics"]["robust_accuracy:pgd-linf@0.1"] += 0.1
+    (tmp_path / "better.json").write_text(json.dumps(better))
+    result = cli("gate", str(base), "--baseline", str(tmp_path / "better.json"))
+    assert result.exit_code == 1 and "dropped 0.1000" in result.stdout
+
+
+def test_seed_changes_only_randomness(cli, tmp_path):
+    cfg = _config(tmp_path)
+    cli("run", str(cfg), "--out", str(tmp_path / "a"), "--seed", "3")
+    card = json.loads((tmp_path / "a" / "scorecard.json").read_text())
+    assert card["provenance"]["seed"] == 3 and card["provenance"]["samples"] == 60
+
+
+def test_user_text_is_escaped_in_html(cli, tmp_path):
+    cfg = _config(tmp_path, name="<script>alert(1)</script>")
+    assert cli("run", str(cfg), "--out", str(tmp_path / "o")).exit_code == 0
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
+    assert "<script>" not in (tmp_path / "o" / "junit.xml").read_text()
+
+
+def test_default_output_dir_under_reports(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tmp_path, name="my model/v2")
+    assert cli("run", str(cfg)).exit_code == 0
+    (run_dir,) = (tmp_path / "reports").iterdir()
+    assert run_dir.name.startswith("my-model-v2-") and (run_dir / "scorecard.json").is_file()
+
+
+def test_validate_and_list(cli, tmp_path):
+    result = cli("validate", str(_config(tmp_path)))
+    assert result.exit_code == 0 and "1 attack(s), 1 gate(s)" in result.stdout
+    listing = cli("list", "attacks")
+    assert listing.exit_code == 0 and "pgd" in listing.stdout and "fgsm" in listing.stdout and "backend: foolbox" in listing.stdout
+    assert "builtin:digits" in cli("list", "datasets").stdout
+    assert cli("list", "bogus").exit_code == 2
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from harness.cli import main\n"
+        "sys.argv = ['harness', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Commands:" in out and out.strip().endswith("NO-TORCH")
+
+
+def test_python_api_scorecard_displays_itself():
+    import harness
+
+    card = harness.run({"name": "api", "data": {"limit": 40}, "attacks": [], "gates": [{"metric": "clean_accuracy", "min": 0.5}]})
+    html = card._repr_html_()
+    assert card.passed and "api" in html and "clean_accuracy" in html and "<html" not in html
+    assert json.loads(card.to_json())["metrics"]["clean_accuracy"] == card.metrics["clean_accuracy"]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_validate(cli, path):
+    result = cli("validate", str(path))
+    assert result.exit_code == 0, result.stderr
+
+
+def test_configs_default_is_the_embedded_default():
+    from harness.config import DEFAULT_CONFIG_PATH
+
+    shipped = Path(__file__).parent.parent / "configs" / "default.yaml"
+    assert shipped.read_text() == DEFAULT_CONFIG_PATH.read_text()
