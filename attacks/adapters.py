@@ -25,8 +25,6 @@ __all__ = ["ADAPTERS", "MissingDependency", "require", "FoolboxAttack", "ARTAtta
 
 ADAPTERS: Registry[type] = Registry("backend")
 
-_PACKAGES = {"foolbox": ("foolbox", "foolbox"), "art": ("adversarial-robustness-toolbox", "art")}
-
 
 class MissingDependency(BadInput, ImportError):
     """An optional library is not installed: bad input (exit 2), the config asks for a backend this
@@ -81,17 +79,33 @@ def _seeded_from(generator: Optional[torch.Generator], device: torch.device) -> 
             np.random.set_state(state)
 
 
-@ADAPTERS.register("foolbox")
 @dataclass(frozen=True)
-class FoolboxAttack:
-    """foolbox 3's LinfPGD/L2PGD (``pgd``) and FGSM/L2FastGradientAttack (``fgsm``)."""
+class _Adapter:
+    """The knobs both libraries share, with native PGD's defaults (random start, 2.5 / steps)."""
 
     attack: str
     steps: int = 20
     rel_stepsize: Optional[float] = None
-    random_start: Optional[bool] = None
+    random_start: Optional[bool] = None  # None: PGD starts at random, FGSM does not
 
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    def __post_init__(self) -> None:
+        # Any registered native attack name reaches here; one the adapter cannot map must not run as PGD.
+        if self.attack not in ("pgd", "fgsm"):
+            raise ValueError(f"attack {self.attack!r} has no library counterpart here (valid: fgsm, pgd)")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+    @property
+    def rel(self) -> float:
+        return self.rel_stepsize if self.rel_stepsize is not None else 2.5 / self.steps
+
+
+@ADAPTERS.register("foolbox")
+@dataclass(frozen=True)
+class FoolboxAttack(_Adapter):
+    """foolbox 3's LinfPGD/L2PGD (``pgd``) and FGSM/L2FastGradientAttack (``fgsm``)."""
 
     def _library_attack(self, fb, norm: str):
         a = fb.attacks
@@ -99,8 +113,7 @@ class FoolboxAttack:
             cls = a.LinfFastGradientAttack if norm == "linf" else a.L2FastGradientAttack
             return cls(random_start=bool(self.random_start))
         cls = a.LinfPGD if norm == "linf" else a.L2PGD
-        rel = self.rel_stepsize if self.rel_stepsize is not None else 2.5 / self.steps
-        return cls(rel_stepsize=rel, steps=self.steps, random_start=self.random_start is not False)
+        return cls(rel_stepsize=self.rel, steps=self.steps, random_start=self.random_start is not False)
 
     def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None):
         fb = require("foolbox")
@@ -117,16 +130,10 @@ class FoolboxAttack:
 
 @ADAPTERS.register("art")
 @dataclass(frozen=True)
-class ARTAttack:
+class ARTAttack(_Adapter):
     """ART's ProjectedGradientDescentPyTorch (``pgd``) and FastGradientMethod (``fgsm``)."""
 
-    attack: str
-    steps: int = 20
-    rel_stepsize: Optional[float] = None
-    random_start: Optional[bool] = None
     batch_size: int = 256
-
-    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
 
     def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None):
         require("art")
@@ -147,9 +154,8 @@ class ARTAttack:
             if self.attack == "fgsm":
                 attack = FastGradientMethod(clf, norm=norm, eps=eps, num_random_init=int(bool(self.random_start)), batch_size=self.batch_size)
             else:
-                rel = self.rel_stepsize if self.rel_stepsize is not None else 2.5 / self.steps
                 attack = ProjectedGradientDescentPyTorch(
-                    clf, norm=norm, eps=eps, eps_step=rel * eps, max_iter=self.steps,
+                    clf, norm=norm, eps=eps, eps_step=self.rel * eps, max_iter=self.steps,
                     num_random_init=0 if self.random_start is False else 1, batch_size=self.batch_size, verbose=False,
                 )
             adv = attack.generate(xs.detach().cpu().numpy(), y=y[mask].detach().cpu().numpy())

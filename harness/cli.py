@@ -168,7 +168,20 @@ def _listing(kind: str) -> list[str]:
 
 
 def main() -> None:
-    cli(prog_name="harness")
+    """The console script: like click's standalone mode, but a usage error is one line (exit 2)."""
+    try:
+        code = cli.main(prog_name="harness", standalone_mode=False)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as e:  # plain `harness`: show the help
+        click.echo(e.ctx.get_help())
+        sys.exit(0)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _fail(EXIT_BAD_INPUT, f"error: {e.format_message()}{hint}")
+    except click.Abort:
+        _fail(EXIT_RUN_FAILED, "interrupted")
+    except click.ClickException as e:
+        _fail(e.exit_code, f"error: {e.format_message()}")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,10 @@ def test_configs_default_is_the_embedded_default():
 
     shipped = Path(__file__).parent.parent / "configs" / "default.yaml"
     assert shipped.read_text() == DEFAULT_CONFIG_PATH.read_text()
+
+
+@pytest.mark.parametrize("args", [["run", "--bogus"], ["list", "nope"], ["run", "a.yaml", "b.yaml"]])
+def test_console_script_usage_errors_are_one_line(args):
+    proc = subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("harness: error: ")

@@ -160,3 +160,14 @@ def test_probability_outputs_are_turned_into_logits(digits_model):
     plain = harness.run({**SMALL, "attacks": [SMALL["attacks"][1]]}, model=digits_model)
     # log-probabilities are logits up to a constant: the attack is as strong as on the raw model
     assert abs(card.metrics["robust_accuracy:pgd-linf@0.1"] - plain.metrics["robust_accuracy:pgd-linf@0.1"]) <= 0.02
+
+
+def test_crash_exits_3_through_the_cli(planted, cli, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "crash.yaml"
+    cfg.write_text(yaml.safe_dump({**SMALL, "attacks": [SMALL["attacks"][0], {"name": "explodes", "norm": "linf", "epsilons": [0.1]}]}))
+    result = cli("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 3
+    assert len(result.stderr.strip().splitlines()) == 1 and "scorecard.partial.json" in result.stderr
+    assert (tmp_path / "out" / "scorecard.partial.json").is_file()
