@@ -9,6 +9,7 @@ metrics do not depend on the number of devices or on what ran before.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -197,10 +198,26 @@ def run_attack(replicas: Sequence[BoundedModel], data: Data, correct: torch.Tens
     return results
 
 
+@contextlib.contextmanager
+def strict_fp32():
+    """TF32 off while evaluating: a re-scored prediction must not flip on reduced-precision math."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def evaluate(model: BoundedModel, data: Data, attacks: Sequence[AttackConfig], devices: Sequence[torch.device],
              batch_size: int = 256, seed: int = 0, num_classes: Optional[int] = None,
              on_result: Optional[Callable[[Evaluation], None]] = None, show_progress: Optional[bool] = None) -> Evaluation:
     """Runs the suite; `on_result` sees the evaluation after each attack entry (to save it as it goes)."""
+    with strict_fp32():
+        return _evaluate(model, data, attacks, devices, batch_size, seed, num_classes, on_result, show_progress)
+
+
+def _evaluate(model, data, attacks, devices, batch_size, seed, num_classes, on_result, show_progress) -> Evaluation:
     replicas = replicate(model, devices)
     logits = clean_pass(replicas, data, batch_size, num_classes, show_progress)
     checks = []
