@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Optional
@@ -21,18 +23,20 @@ from harness.registry import Registry
 
 from .threat import ThreatModel
 
-__all__ = ["ADAPTERS", "MissingDependency", "require", "FoolboxAttack", "ARTAttack"]
+__all__ = ["ADAPTERS", "MissingDependency", "require", "require_installed", "FoolboxAttack", "ARTAttack"]
 
 ADAPTERS: Registry[type] = Registry("backend")
 
 
 class MissingDependency(BadInput, ImportError):
-    """An optional library is not installed: bad input (exit 2), the config asks for a backend this
-    environment lacks. A BadInput so that the runner passes it through instead of calling it a
-    failed run (exit 3)."""
+    """An optional library is not installed. A BadInput (exit 2: the config asks for a backend this
+    environment lacks), so the runner passes it on instead of calling it a failed run (exit 3)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__("", message)
+
+def _install_hint(module: str) -> str:
+    top = module.split(".")[0]
+    extra = {"foolbox": "foolbox", "art": "art", "alibi_detect": "alibi"}.get(top, "all")
+    return f"this needs the optional package {top!r}: pip install 'harness[{extra}]'"
 
 
 def require(module: str):
@@ -40,10 +44,15 @@ def require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        extra = {"foolbox": "foolbox", "art": "art", "alibi_detect": "alibi"}.get(module.split(".")[0], "all")
-        raise MissingDependency(
-            f"this needs the optional package {module.split('.')[0]!r}: pip install 'harness[{extra}]' ({e})"
-        ) from None
+        raise MissingDependency("", f"{_install_hint(module)} ({e})") from None
+
+
+def require_installed(backend: str) -> None:
+    """Raises ValueError (for config validation) when a backend's library is absent; imports nothing."""
+    module = {"foolbox": "foolbox", "art": "art"}[backend]
+    present = sys.modules[module] is not None if module in sys.modules else importlib.util.find_spec(module) is not None
+    if not present:
+        raise ValueError(_install_hint(module))
 
 
 def _by_epsilon(threat: ThreatModel, x: torch.Tensor, run: Callable) -> torch.Tensor:
@@ -96,6 +105,8 @@ class _Adapter:
             raise ValueError(f"attack {self.attack!r} has no library counterpart here (valid: fgsm, pgd)")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.attack == "fgsm" and self.rel_stepsize not in (None, 1.0):
+            raise ValueError("the libraries' FGSM always steps the whole epsilon (rel_stepsize 1)")
 
     @property
     def rel(self) -> float:

@@ -21,7 +21,8 @@ def _validated(cls: type, params: dict[str, Any], what: str):
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        raise ValueError(f"{what} parameter {key!r}: {err['msg'].removeprefix('Value error, ')}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{what} parameter {key!r}: {msg}" if key else f"{what}: {msg}") from None
 
 
 def build_attack(name: str, norm: str, backend: str, params: dict[str, Any]):
@@ -30,7 +31,8 @@ def build_attack(name: str, norm: str, backend: str, params: dict[str, Any]):
         raise ValueError(f"attack {name!r} does not support norm {norm!r} (valid: {', '.join(cls.norms)})")
     if backend == "native":
         return _validated(cls, params, f"attack {name!r}")
-    from .adapters import ADAPTERS
+    from .adapters import ADAPTERS, require_installed
 
+    require_installed(backend)  # a missing library is bad input, found before any work starts
     adapter = ADAPTERS.get(backend)
     return _validated(adapter, {"attack": name, **params}, f"{backend} attack {name!r}")

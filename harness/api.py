@@ -155,7 +155,7 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
         raise RunFailed(f"interrupted; finished results are in {partial}" if partial else "interrupted") from None
     except Exception as e:
         where = f"; finished results are in {partial}" if partial is not None and partial.exists() else ""
-        raise RunFailed(f"the run failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}{where}") from e
+        raise RunFailed(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}{where}") from e
     card = Scorecard(record_of(ev))
     if out is not None:
         card.save(out)

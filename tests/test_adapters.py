@@ -137,4 +137,17 @@ def test_cli_run_with_missing_library_exits_2(cli, tmp_path, monkeypatch):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "pip install 'harness[foolbox]'" in lines[0]
+    assert "attacks[0]" in lines[0]  # found while validating the config, before any work
+    assert not (tmp_path / "out").exists()
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("knobs,message", [
+    ({"attack": "deepfool"}, "no library counterpart"),  # must not silently run as PGD
+    ({"attack": "pgd", "steps": 0}, "at least 1"),
+    ({"attack": "fgsm", "rel_stepsize": 0.5}, "whole epsilon"),  # the libraries would ignore it
+])
+def test_knobs_the_library_cannot_honour_are_refused(backend, knobs, message):
+    with pytest.raises(ValueError, match=message):
+        _adapter(backend, **knobs)
