@@ -11,7 +11,7 @@ from harness.registry import Registry
 
 from .threat import ThreatModel
 
-__all__ = ["Attack", "ATTACKS", "attack_epsilons", "check_batch", "attack_params"]
+__all__ = ["Attack", "ATTACKS", "attack_epsilons", "check_batch", "attack_params", "is_minimal", "supports_target"]
 
 
 class Attack(Protocol):
@@ -20,9 +20,17 @@ class Attack(Protocol):
     ``model`` maps inputs in [0, 1] to logits, ``x`` is (n, C, H, W) in [0, 1], ``y`` the (n,)
     labels. It returns adversarial inputs of x's shape. The harness, not the attack, is trusted
     for the verdict: it clips, checks the budget and re-scores every returned example.
+
+    ``minimal`` attacks (CW, DeepFool) search for the smallest perturbation instead of working
+    within a budget: they are called with ``ThreatModel(norm, math.inf)`` and the runner derives
+    the robust accuracy they imply at each epsilon from the per-sample perturbation sizes.
+    ``supports_target``: the attack accepts ``target`` (n,) classes to reach instead of merely
+    leaving ``y``. All randomness comes from ``generator`` (on x's device).
     """
 
     norms: ClassVar[tuple[str, ...]]
+    minimal: ClassVar[bool]
+    supports_target: ClassVar[bool]
 
     def __call__(
         self,
@@ -32,7 +40,16 @@ class Attack(Protocol):
         threat: ThreatModel,
         *,
         generator: torch.Generator | None = None,
+        target: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
+
+
+def is_minimal(attack: object) -> bool:
+    return bool(getattr(attack, "minimal", False))
+
+
+def supports_target(attack: object) -> bool:
+    return bool(getattr(attack, "supports_target", False))
 
 
 ATTACKS: Registry[type] = Registry("attack")
@@ -58,6 +75,7 @@ def attack_epsilons(
     epsilons: Sequence[float],
     *,
     generator: torch.Generator | None = None,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Runs one attack at several epsilons in a single call; returns (n_eps, n, ...).
 
@@ -68,7 +86,8 @@ def attack_epsilons(
     eps = torch.tensor(list(epsilons), dtype=x.dtype, device=x.device).repeat_interleave(n)
     xs = x.repeat(k, *([1] * (x.dim() - 1)))
     ys = y.repeat(k)
-    adv = attack(model, xs, ys, ThreatModel(norm, eps), generator=generator)
+    extra = {} if target is None else {"target": target.repeat(k)}
+    adv = attack(model, xs, ys, ThreatModel(norm, eps), generator=generator, **extra)
     return adv.view(k, *x.shape)
 
 
