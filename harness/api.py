@@ -131,9 +131,8 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     def record_of(ev) -> dict[str, Any]:
         from .metrics import metric_counts
 
-        attacked = int(ev.correct.sum())
         rec = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "passed": False, "verdict": "inconclusive",
-               "metrics": ev.metrics(), "gates": [], "attacks": [r.record(attacked) for r in ev.results],
+               "metrics": ev.metrics(), "gates": [], "attacks": [r.record() for r in ev.results],
                "probes": [], "defenses": [], "checks": list(ev.checks),
                "provenance": {**provenance, "duration_s": round(time.perf_counter() - t0, 3)}}
         rec["gates"] = judge_gates(cfg.gates, rec["metrics"], metric_counts(rec), None if base_card is None else base_card.metrics)
@@ -148,7 +147,7 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
 
     try:
         ev = evaluate(wrapped, ds, cfg.attacks, devices, cfg.data.batch_size, cfg.seed, cfg.model.num_classes,
-                      on_result=save_partial, show_progress=show_progress)
+                      on_result=save_partial, show_progress=show_progress, cascade=cfg.cascade)
     except (BadInput, RunFailed):
         raise
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic.functional_serializers import PlainSerializer
 from pydantic.functional_validators import BeforeValidator
 from typing_extensions import Annotated
@@ -142,13 +142,19 @@ def _reraise(check, value) -> None:
 
 
 class AttackConfig(Strict):
-    """One attack entry: the general keys here, the attack's own knobs in `params`."""
+    """One attack entry: the general keys here, the attack's own knobs in `params`.
+
+    A bounded attack needs `epsilons`; a minimal-perturbation one (cw, deepfool) may leave them out
+    and is then judged at every epsilon the suite uses for its norm.
+    """
 
     name: str
     norm: Literal["linf", "l2"]
-    epsilons: list[EpsilonField] = Field(min_length=1)
+    epsilons: list[EpsilonField] = []
     backend: Literal["native", "foolbox", "art"] = "native"
     id: Optional[str] = None
+    targeted: bool = False
+    target: Literal["random", "least-likely"] = "random"
     params: dict[str, Any] = {}
 
     @model_validator(mode="before")
@@ -163,23 +169,61 @@ class AttackConfig(Strict):
     @model_validator(mode="after")
     def _attack_exists(self) -> "AttackConfig":
         from attacks import ATTACKS
+        from attacks.base import is_minimal, supports_target
 
-        if self.name not in ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r} (valid: {', '.join(ATTACKS.names())})")
-        self.build()  # validates the knobs now, before any model is loaded
+        if self.backend == "native" and self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r} (valid: {', '.join(ATTACKS.names() + ['corruptions'])})")
+        attack = self.build()  # validates the knobs now, before any model is loaded
+        if not self.epsilons and not is_minimal(attack):
+            raise ValueError(f"attack {self.name!r} needs `epsilons` (a list of budgets, e.g. [\"8/255\"])")
+        if self.targeted and not supports_target(attack):
+            raise ValueError(f"attack {self.name!r} has no targeted mode (remove `targeted`)")
         return self
 
     @property
     def attack_id(self) -> str:
         if self.id:
             return self.id
-        return f"{self.name}-{self.norm}" + ("" if self.backend == "native" else f"-{self.backend}")
+        return f"{self.name}-{self.norm}" + ("-targeted" if self.targeted else "") + ("" if self.backend == "native" else f"-{self.backend}")
+
+    @property
+    def minimal(self) -> bool:
+        from attacks.base import is_minimal
+
+        return is_minimal(self.build())
 
     def build(self):
         """The attack value (native, or an adapter over foolbox/ART) with this entry's knobs."""
         from attacks.config import build_attack
 
         return build_attack(self.name, self.norm, self.backend, self.params)
+
+
+CORRUPTION_KINDS = ("gaussian-noise", "blur", "brightness", "contrast")
+
+
+class CorruptionConfig(Strict):
+    """Common corruptions as a baseline: no budget, one metric per kind and severity."""
+
+    name: Literal["corruptions"]
+    kinds: list[Literal["gaussian-noise", "blur", "brightness", "contrast"]] = list(CORRUPTION_KINDS)
+    severities: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3, 4, 5]
+    id: Optional[str] = None
+
+    @property
+    def attack_id(self) -> str:
+        return self.id or "corruptions"
+
+
+def _entry_kind(v: Any) -> str:
+    name = v.get("name") if isinstance(v, dict) else getattr(v, "name", None)
+    return "corruptions" if name == "corruptions" else "attack"
+
+
+AttackEntry = Annotated[
+    Union[Annotated[AttackConfig, Tag("attack")], Annotated[CorruptionConfig, Tag("corruptions")]],
+    Discriminator(_entry_kind),
+]
 
 
 class GateConfig(Strict):
@@ -202,7 +246,8 @@ class Config(Strict):
     device: Union[str, list[str]] = "auto"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    attacks: list[AttackConfig] = []
+    attacks: list[AttackEntry] = []
+    cascade: bool = True  # within a norm and epsilon, later attacks run only on points still robust
     probes: list[dict[str, Any]] = []
     defenses: list[dict[str, Any]] = []
     gates: list[GateConfig] = []
@@ -223,6 +268,8 @@ class Config(Strict):
         except BadInput as e:
             raise ValueError(str(e)) from None  # "device: ...", like the gate paths below
         ids = [a.attack_id for a in self.attacks]
+        if sum(isinstance(a, CorruptionConfig) for a in self.attacks) > 1:
+            raise ValueError("list all corruptions in one `corruptions` entry")
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"attack id {dup[0]!r} is used twice: give one of them its own `id:`")
@@ -241,10 +288,13 @@ class Config(Strict):
 
 def _loc(loc: tuple) -> str:
     out = ""
+    prev: Any = None
     for part in loc:
+        skip_tag = isinstance(prev, int) and part in ("attack", "corruptions")  # the entry kind pydantic adds
+        prev = part
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "tagged-union")):
+        elif skip_tag or part in ("function-after", "function-before") or str(part).startswith(("function-", "tagged-union")):
             continue
         else:
             out += ("." if out else "") + str(part)

@@ -17,22 +17,51 @@ def metric_id(family: str, subject: Optional[str] = None, parameter: Optional[st
     return out
 
 
-def worst_groups(attacks) -> dict[tuple[str, float], str]:
+def _bounded(entry) -> bool:
+    return hasattr(entry, "norm") and not entry.minimal
+
+
+def entry_epsilons(attacks) -> list[list]:
+    """Per attack entry, the epsilons it is judged at: its own, or for a minimal-perturbation attack
+    that lists none, every epsilon the suite's bounded attacks use for its norm."""
+    by_norm: dict[str, dict[float, object]] = {}
+    for a in attacks:
+        if _bounded(a):
+            for eps in a.epsilons:
+                by_norm.setdefault(a.norm, {}).setdefault(eps.value, eps)
+    out = []
+    for a in attacks:
+        if not hasattr(a, "norm"):
+            out.append([])
+        elif a.epsilons:
+            out.append(list(a.epsilons))
+        else:
+            out.append(sorted(by_norm.get(a.norm, {}).values(), key=lambda e: e.value))
+    return out
+
+
+def worst_groups(attacks, epsilons: Optional[list] = None) -> dict[tuple[str, float], str]:
     """(norm, epsilon value) -> the epsilon's label, as first written in the config."""
     groups: dict[tuple[str, float], str] = {}
-    for a in attacks:
-        for eps in a.epsilons:
+    for a, eps_list in zip(attacks, epsilons if epsilons is not None else entry_epsilons(attacks)):
+        for eps in eps_list:
             groups.setdefault((a.norm, eps.value), eps.label)
     return groups
 
 
 def suite_metric_ids(config) -> list[str]:
     ids = ["clean_accuracy"]
-    for a in config.attacks:
-        for eps in a.epsilons:
+    per_entry = entry_epsilons(config.attacks)
+    for a, eps_list in zip(config.attacks, per_entry):
+        if not hasattr(a, "norm"):  # corruptions: one robust accuracy per kind and severity
+            ids += [metric_id("robust_accuracy", kind, str(sev)) for kind in a.kinds for sev in a.severities]
+            continue
+        if a.minimal:
+            ids.append(metric_id("median_perturbation", a.attack_id))
+        for eps in eps_list:
             ids.append(metric_id("robust_accuracy", a.attack_id, eps.label))
             ids.append(metric_id("attack_success_rate", a.attack_id, eps.label))
-    for (norm, _), label in worst_groups(config.attacks).items():
+    for (norm, _), label in worst_groups(config.attacks, per_entry).items():
         ids.append(metric_id("robust_accuracy", f"worst-{norm}", label))
     return ids
 
@@ -54,7 +83,8 @@ def metric_counts(card: dict[str, Any]) -> dict[str, int]:
     counts = {"clean_accuracy": n}
     for a in card.get("attacks", []):
         counts[metric_id("robust_accuracy", a["id"], a["epsilon"])] = int(a["n"])
-        counts[metric_id("attack_success_rate", a["id"], a["epsilon"])] = int(a["n_attacked"])
+        if a.get("norm") is not None:
+            counts[metric_id("attack_success_rate", a["id"], a["epsilon"])] = int(a["n_attacked"])
     for m in card.get("metrics", {}):
         if m.startswith("robust_accuracy:worst-"):
             counts[m] = n

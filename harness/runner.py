@@ -1,30 +1,34 @@
-"""Evaluation as a function: clean accuracy, every attack x epsilon, the per-sample worst case.
+"""Evaluation as a function: clean accuracy, then every attack entry in cascade, then the worst case.
 
-The runner trusts no attack. Each adversarial batch is clipped to the input bounds, checked
-against its budget (an example outside it counts as not adversarial and fails the `budget`
-check) and re-scored with the runner's own forward pass. Only correctly classified samples are
-attacked. Randomness comes from one generator per (attack, batch) seeded from the run's seed, so
-metrics do not depend on the number of devices or on what ran before.
+Within one norm and epsilon, attacks run in config order, each only on the points still robust
+after the ones before it (AutoAttack's cascade), so an attack's robust accuracy is the one after
+its stage and the last stage's is the exact per-sample worst case. `cascade: false` runs every
+attack on every correctly classified point instead. Minimal-perturbation attacks (no budget) see
+every correct point: their per-sample distances imply a robust accuracy at each epsilon.
+
+Randomness comes from one generator per (attack, stage, epsilon, batch) seeded from the run's seed,
+so metrics do not depend on the number of devices.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from attacks import BOUNDS, BUDGET_TOLERANCE, ThreatModel, attack_epsilons
+from attacks import BUDGET_TOLERANCE
 from attacks.base import describe
 
-from .config import AttackConfig, Epsilon
+from .config import AttackConfig, CorruptionConfig
 from .data import Data
 from .devices import replicate, shard_map
 from .errors import BadInput
-from .metrics import metric_id, worst_groups
+from .metrics import entry_epsilons, metric_id, worst_groups
 from .models import BoundedModel, looks_like_probabilities
+from .stage import Counting, device_of, run_pairs
 
 __all__ = ["AttackResult", "Evaluation", "evaluate", "check_record"]
 
@@ -36,39 +40,58 @@ def check_record(name: str, status: str, detail: str) -> dict[str, str]:
 
 @dataclass
 class AttackResult:
-    config: AttackConfig
-    epsilon: Epsilon
-    robust: torch.Tensor  # (n,) bool: still correctly classified under this attack (False where clean was wrong)
-    distance: torch.Tensor  # (n,) float: perturbation size, NaN where not attacked
-    seconds: float
-    violations: int
-    nonfinite: int
+    """One attack entry at one epsilon (or one corruption at one severity)."""
 
-    def record(self, attacked: int) -> dict[str, Any]:
-        robust = int(self.robust.sum())
+    entry: Any  # AttackConfig | CorruptionConfig
+    subject: str  # the metric subject: attack id, or corruption kind
+    label: str  # epsilon as written, or the severity
+    value: Optional[float]  # epsilon value; None for corruptions
+    robust: torch.Tensor  # (n,) bool: correct and not broken (after this stage, in cascade)
+    attacked: torch.Tensor  # (n,) bool: points this attack ran on
+    broken: torch.Tensor  # (n,) bool: points this attack broke
+    distance: torch.Tensor  # (n,) float: perturbation size where attacked, NaN elsewhere
+    seconds: float = 0.0
+    violations: int = 0
+    nonfinite: int = 0
+    queries: int = 0
+    gradients: int = 0
+    target_hits: int = 0
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    median_perturbation: Optional[float] = None
+    cascade: bool = True
+    params: dict[str, Any] = field(default_factory=dict)
+    minimal: bool = False
+
+    @property
+    def norm(self) -> Optional[str]:
+        return getattr(self.entry, "norm", None)
+
+    def record(self) -> dict[str, Any]:
         n = int(self.robust.numel())
-        broken = attacked - robust
-        d = self.distance[~torch.isnan(self.distance)]
-        return {
-            "id": self.config.attack_id,
-            "name": self.config.name,
-            "backend": self.config.backend,
-            "norm": self.config.norm,
-            "epsilon": self.epsilon.label,
-            "epsilon_value": self.epsilon.value,
-            "robust_accuracy": robust / n,
+        attacked, broken = int(self.attacked.sum()), int((self.broken & self.attacked).sum())
+        d = self.distance[self.broken & self.attacked]
+        rec: dict[str, Any] = {
+            "id": self.subject, "name": self.entry.name, "backend": getattr(self.entry, "backend", "native"),
+            "norm": self.norm, "epsilon": self.label, "epsilon_value": self.value,
+            "robust_accuracy": int(self.robust.sum()) / n,
             "attack_success_rate": broken / attacked if attacked else 0.0,
-            "n": n,
-            "n_attacked": attacked,
-            "n_broken": broken,
-            "seconds": round(self.seconds, 4),
+            "n": n, "n_attacked": attacked, "n_broken": broken, "seconds": round(self.seconds, 4),
+            "queries_per_point": round(self.queries / attacked, 2) if attacked else 0.0,
+            "gradients_per_point": round(self.gradients / attacked, 2) if attacked else 0.0,
             "budget_violations": self.violations,
-            "perturbation": {
-                "median": float(d.median()) if d.numel() else 0.0,
-                "max": float(d.max()) if d.numel() else 0.0,
-            },
-            "params": describe(self.config.build()),
+            "perturbation": {"median": float(d.median()) if d.numel() else 0.0, "max": float(d.max()) if d.numel() else 0.0},
+            "cascade": self.cascade,
         }
+        if isinstance(self.entry, AttackConfig):
+            rec["params"] = self.params
+            rec["minimal"] = self.minimal
+            if self.minimal:
+                rec["median_perturbation"] = self.median_perturbation
+            if self.entry.targeted:
+                rec.update(targeted=True, target=self.entry.target, target_hit_rate=self.target_hits / attacked if attacked else 0.0)
+        if self.stages:
+            rec["stages"] = self.stages
+        return rec
 
 
 @dataclass
@@ -77,30 +100,30 @@ class Evaluation:
     correct: torch.Tensor  # (n,) bool
     results: list[AttackResult] = field(default_factory=list)
     checks: list[dict[str, str]] = field(default_factory=list)
+    groups: dict[tuple[str, float], str] = field(default_factory=dict)  # (norm, eps) -> label
 
     def metrics(self) -> dict[str, float]:
-        out = {"clean_accuracy": int(self.correct.sum()) / self.n}
-        attacked = int(self.correct.sum())
+        out: dict[str, Any] = {"clean_accuracy": int(self.correct.sum()) / self.n}
         for r in self.results:
-            rec = r.record(attacked)
-            out[metric_id("robust_accuracy", rec["id"], rec["epsilon"])] = rec["robust_accuracy"]
-            out[metric_id("attack_success_rate", rec["id"], rec["epsilon"])] = rec["attack_success_rate"]
+            rec = r.record()
+            out[metric_id("robust_accuracy", r.subject, r.label)] = rec["robust_accuracy"]
+            if r.norm is not None:
+                out[metric_id("attack_success_rate", r.subject, r.label)] = rec["attack_success_rate"]
+            if r.median_perturbation is not None:
+                out[metric_id("median_perturbation", r.subject)] = r.median_perturbation
         for key, robust in self.worst_case().items():
             out[key] = int(robust.sum()) / self.n
         return out
 
     def worst_case(self) -> dict[str, torch.Tensor]:
         """Per sample, robust only if it survived every attack of that norm and epsilon."""
-        labels = worst_groups([r.config for r in self.results])
         worst: dict[str, torch.Tensor] = {}
         for r in self.results:
-            key = metric_id("robust_accuracy", f"worst-{r.config.norm}", labels[(r.config.norm, r.epsilon.value)])
+            if r.norm is None:
+                continue
+            key = metric_id("robust_accuracy", f"worst-{r.norm}", self.groups.get((r.norm, r.value), r.label))
             worst[key] = worst.get(key, self.correct) & r.robust
         return worst
-
-
-def _batches(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return list(indices.split(max(1, size)))
 
 
 def _progress(total: int, desc: str, enabled: Optional[bool]):
@@ -110,15 +133,14 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
 
 
 def clean_pass(replicas: Sequence[BoundedModel], data: Data, batch_size: int, num_classes: Optional[int], show: Optional[bool]):
-    """Predictions for every sample; checks the model's output against the data on the way."""
-    batches = _batches(torch.arange(len(data)), batch_size)
+    """Logits for every sample; checks the model's output against the data on the way."""
+    batches = list(torch.arange(len(data)).split(max(1, batch_size)))
 
     def run(i: int, idx: torch.Tensor, slot: int) -> torch.Tensor:
         model = replicas[slot]
-        device = _device_of(model)
         with torch.no_grad():
             try:
-                out = model(data.x[idx].to(device))
+                out = model(data.x[idx].to(device_of(model)))
             except Exception as e:
                 raise BadInput(data.source, f"the model cannot take this data: inputs of shape {tuple(data.x.shape[1:])} fail with {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(idx):
@@ -137,65 +159,127 @@ def clean_pass(replicas: Sequence[BoundedModel], data: Data, batch_size: int, nu
     return logits
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+def _seed(seed: int, *keys: int) -> int:
+    h = seed
+    for k in keys:
+        h = (h * 1_000_003 + k) % (2**61 - 1)
+    return h
 
 
-def _batch_seed(seed: int, attack_index: int, batch_index: int) -> int:
-    return (seed * 1_000_003 + attack_index * 10_007 + batch_index) % (2**63 - 1)
+def _params(attack: Any, cfg: AttackConfig) -> dict[str, Any]:
+    try:
+        return describe(attack)
+    except TypeError:  # not a dataclass
+        return dict(cfg.params)
 
 
-def run_attack(replicas: Sequence[BoundedModel], data: Data, correct: torch.Tensor, cfg: AttackConfig,
-               attack_index: int, batch_size: int, seed: int, show: Optional[bool]) -> list[AttackResult]:
-    """One attack entry at all its epsilons, on the correctly classified samples."""
-    attack = cfg.build()
-    eps_values = [e.value for e in cfg.epsilons]
-    k = len(eps_values)
-    targets = torch.nonzero(correct).flatten()
-    batches = _batches(targets, max(1, batch_size // k))
+def _targets(cfg: AttackConfig, logits: torch.Tensor, y: torch.Tensor, seed: int, index: int) -> Optional[torch.Tensor]:
+    if not cfg.targeted:
+        return None
+    if cfg.target == "least-likely":
+        return logits.argmin(dim=1)
+    classes = logits.shape[1]
+    g = torch.Generator().manual_seed(_seed(seed, index, 7))
+    return (y + torch.randint(1, classes, y.shape, generator=g)) % classes  # uniform over the other classes
 
-    def run(i: int, idx: torch.Tensor, slot: int):
-        model = replicas[slot]
-        device = _device_of(model)
-        x, y = data.x[idx].to(device), data.y[idx].to(device)
-        gen = torch.Generator(device=device).manual_seed(_batch_seed(seed, attack_index, i))
-        adv = attack_epsilons(attack, model, x, y, cfg.norm, eps_values, generator=gen).detach()
-        adv = adv.clamp(*BOUNDS)  # the runner owns the bounds, whatever the attack returned
-        robust, dist, bad, nonfinite = [], [], [], []
-        with torch.no_grad():
-            for j, eps in enumerate(eps_values):
-                threat = ThreatModel(cfg.norm, eps)
-                a = adv[j]
-                finite = torch.isfinite(a).flatten(1).all(dim=1)
-                a = torch.where(finite.view(-1, *([1] * (a.dim() - 1))), a, x)
-                inside = threat.contains(a, x, BUDGET_TOLERANCE)
-                a = torch.where(inside.view(-1, *([1] * (a.dim() - 1))), a, x)  # out of budget: not an adversarial example
-                logits = model(a)
-                ok = torch.isfinite(logits).all(dim=1)
-                robust.append(((logits.argmax(dim=1) == y) & ok).cpu())
-                dist.append(threat.distance(a, x).cpu())
-                bad.append(int((~inside).sum()))
-                nonfinite.append(int((~finite).sum()) + int((~ok).sum()))
-        return robust, dist, bad, nonfinite
 
-    start = time.perf_counter()
-    with _progress(len(batches), cfg.attack_id, show) as bar:
-        parts = shard_map(run, batches, len(replicas), on_done=lambda: bar.update(1))
-    seconds = (time.perf_counter() - start) / k
-    results = []
-    for j, eps in enumerate(cfg.epsilons):
-        robust = torch.zeros(len(data), dtype=torch.bool)
-        dist = torch.full((len(data),), float("nan"))
-        if parts:
-            robust[targets] = torch.cat([p[0][j] for p in parts])
-            dist[targets] = torch.cat([p[1][j] for p in parts])
-        results.append(AttackResult(cfg, eps, robust, dist, seconds,
-                                    sum(p[2][j] for p in parts), sum(p[3][j] for p in parts)))
-    return results
+class _Suite:
+    """State of one evaluation: replicas, counters and, per (norm, eps), the points still robust."""
+
+    def __init__(self, replicas, data: Data, correct: torch.Tensor, logits: torch.Tensor, batch_size: int, seed: int,
+                 cascade: bool, show: Optional[bool]) -> None:
+        self.replicas, self.data, self.correct, self.logits = replicas, data, correct, logits
+        self.counters = [Counting(m) for m in replicas]
+        self.batch_size, self.seed, self.cascade, self.show = batch_size, seed, cascade, show
+        self.alive: dict[tuple[str, float], torch.Tensor] = {}
+
+    def alive_at(self, norm: str, eps: float) -> torch.Tensor:
+        return self.alive.setdefault((norm, eps), self.correct.clone())
+
+    def attack_points(self, attack, norm: str, eps: float, points: torch.Tensor, keys: tuple, target) -> tuple:
+        """Runs `attack` on `points` (bool mask) at one epsilon; returns (broken mask, distances, PairResult)."""
+        n = len(self.data)
+        sample = torch.nonzero(points).flatten()
+        eps_t = torch.full((sample.numel(),), eps)
+        with _progress(math.ceil(sample.numel() / self.batch_size), "/".join(map(str, keys[1:])) or "attack", self.show) as bar:
+            res = run_pairs(attack, self.replicas, self.counters, self.data.x, self.data.y, sample, eps_t, norm, self.batch_size,
+                            lambda i: _seed(self.seed, *keys[0:1], i), target, on_batch=lambda: bar.update(1))
+        broken = torch.zeros(n, dtype=torch.bool)
+        dist = torch.full((n,), float("nan"))
+        broken[sample], dist[sample] = res.broken, res.distance
+        return broken, dist, res
+
+    def bounded(self, cfg: AttackConfig, eps_list, index: int) -> list[AttackResult]:
+        attack = cfg.build()
+        target = _targets(cfg, self.logits, self.data.y, self.seed, index)
+        stages = attack.stages(cfg.norm) if hasattr(attack, "stages") else [(cfg.name, attack)]
+        out = []
+        for j, eps in enumerate(eps_list):
+            alive = self.alive_at(cfg.norm, eps.value) if self.cascade else self.correct.clone()
+            attacked = alive.clone()
+            broken_all = torch.zeros_like(alive)
+            dist = torch.full((len(self.data),), float("nan"))
+            total, stage_recs = AttackResult(cfg, cfg.attack_id, eps.label, eps.value, alive, attacked, broken_all, dist,
+                                             cascade=self.cascade, params=_params(attack, cfg)), []
+            for s, (stage_name, stage_attack) in enumerate(stages):
+                points = alive & ~broken_all
+                broken, d, res = self.attack_points(stage_attack, cfg.norm, eps.value, points, (_seed(index, s, j), cfg.attack_id, eps.label), target)
+                broken_all |= broken
+                dist = torch.where(broken, d, dist)
+                total.seconds += res.seconds
+                total.violations += res.violations
+                total.nonfinite += res.nonfinite
+                total.queries += res.queries
+                total.gradients += res.gradients
+                total.target_hits += int(res.target_hit.sum())
+                stage_recs.append({"attack": stage_name, "n_attacked": int(points.sum()), "n_broken": int(broken.sum()),
+                                   "robust_accuracy": int((alive & ~broken_all).sum()) / len(self.data), "seconds": round(res.seconds, 4)})
+            total.robust = alive & ~broken_all
+            total.broken, total.distance = broken_all, torch.where(attacked, dist, torch.nan)
+            if len(stages) > 1:
+                total.stages = stage_recs
+            if self.cascade:
+                self.alive[(cfg.norm, eps.value)] = total.robust
+            out.append(total)
+        return out
+
+    def minimal(self, cfg: AttackConfig, eps_list, index: int) -> list[AttackResult]:
+        """One unbounded run on every correct point; the distances imply robustness at each epsilon."""
+        attack = cfg.build()
+        target = _targets(cfg, self.logits, self.data.y, self.seed, index)
+        broken, dist, res = self.attack_points(attack, cfg.norm, math.inf, self.correct, (_seed(index, 0, 0), cfg.attack_id), target)
+        sizes = torch.where(broken, dist, torch.inf)[self.correct]
+        median = float(sizes.median()) if sizes.numel() else 0.0  # inf (stored as null) when most points resist
+        out = []
+        for eps in eps_list or []:
+            within = broken & (dist <= eps.value + BUDGET_TOLERANCE)
+            before = self.alive_at(cfg.norm, eps.value) if self.cascade else self.correct
+            robust = before & ~within
+            if self.cascade:
+                self.alive[(cfg.norm, eps.value)] = robust
+            out.append(AttackResult(cfg, cfg.attack_id, eps.label, eps.value, robust, self.correct.clone(), within, dist,
+                                    seconds=res.seconds, violations=res.violations, nonfinite=res.nonfinite, queries=res.queries,
+                                    gradients=res.gradients, target_hits=int(res.target_hit.sum()), median_perturbation=median,
+                                    cascade=self.cascade, params=_params(attack, cfg), minimal=True))
+        if not out:  # no epsilon to judge at: still report the distances
+            out.append(AttackResult(cfg, cfg.attack_id, "inf", math.inf, self.correct & ~broken, self.correct.clone(), broken, dist,
+                                    seconds=res.seconds, queries=res.queries, gradients=res.gradients, median_perturbation=median,
+                                    cascade=False, params=_params(attack, cfg), minimal=True))
+        return out
+
+    def corruptions(self, cfg: CorruptionConfig, index: int) -> list[AttackResult]:
+        from attacks.baselines import corrupt
+
+        out = []
+        for k, kind in enumerate(cfg.kinds):
+            for sev in cfg.severities:
+                def apply(model, x, y, threat, *, generator=None, kind=kind, sev=sev):
+                    return corrupt(kind, x, sev, generator)
+
+                broken, dist, res = self.attack_points(apply, "linf", math.inf, self.correct, (_seed(index, k, sev), kind, str(sev)), None)
+                out.append(AttackResult(cfg, kind, str(sev), None, self.correct & ~broken, self.correct.clone(), broken, dist,
+                                        seconds=res.seconds, nonfinite=res.nonfinite, cascade=False))
+        return out
 
 
 @contextlib.contextmanager
@@ -209,32 +293,36 @@ def strict_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def evaluate(model: BoundedModel, data: Data, attacks: Sequence[AttackConfig], devices: Sequence[torch.device],
+def evaluate(model: BoundedModel, data: Data, attacks: Sequence[Any], devices: Sequence[torch.device],
              batch_size: int = 256, seed: int = 0, num_classes: Optional[int] = None,
-             on_result: Optional[Callable[[Evaluation], None]] = None, show_progress: Optional[bool] = None) -> Evaluation:
+             on_result: Optional[Callable[[Evaluation], None]] = None, show_progress: Optional[bool] = None,
+             cascade: bool = True) -> Evaluation:
     """Runs the suite; `on_result` sees the evaluation after each attack entry (to save it as it goes)."""
     with strict_fp32():
-        return _evaluate(model, data, attacks, devices, batch_size, seed, num_classes, on_result, show_progress)
-
-
-def _evaluate(model, data, attacks, devices, batch_size, seed, num_classes, on_result, show_progress) -> Evaluation:
-    replicas = replicate(model, devices)
-    logits = clean_pass(replicas, data, batch_size, num_classes, show_progress)
-    checks = []
-    if looks_like_probabilities(logits):
-        for m in replicas:
-            m.outputs_probabilities = True
-        checks.append(check_record("output-logits", "warn", "the model outputs probabilities (rows sum to 1); the harness "
-                                   "uses their logarithm as logits, but gradients may still vanish where the softmax saturates"))
-    else:
-        checks.append(check_record("output-logits", "pass", "the model outputs logits"))
-    finite = bool(torch.isfinite(logits).all())
-    correct = (logits.argmax(dim=1) == data.y) & torch.isfinite(logits).all(dim=1)
-    ev = Evaluation(n=len(data), correct=correct, checks=checks)
-    for i, cfg in enumerate(attacks):
-        ev.results.extend(run_attack(replicas, data, correct, cfg, i, batch_size, seed, show_progress))
-        if on_result is not None:
-            on_result(ev)
+        replicas = replicate(model, devices)
+        logits = clean_pass(replicas, data, batch_size, num_classes, show_progress)
+        checks = []
+        if looks_like_probabilities(logits):
+            for m in replicas:
+                m.outputs_probabilities = True
+            checks.append(check_record("output-logits", "warn", "the model outputs probabilities (rows sum to 1); the harness "
+                                       "uses their logarithm as logits, but gradients may still vanish where the softmax saturates"))
+        else:
+            checks.append(check_record("output-logits", "pass", "the model outputs logits"))
+        finite = bool(torch.isfinite(logits).all())
+        correct = (logits.argmax(dim=1) == data.y) & torch.isfinite(logits).all(dim=1)
+        per_entry = entry_epsilons(attacks)
+        ev = Evaluation(n=len(data), correct=correct, checks=checks, groups=worst_groups(attacks, per_entry))
+        suite = _Suite(replicas, data, correct, logits, batch_size, seed, cascade, show_progress)
+        for i, (cfg, eps_list) in enumerate(zip(attacks, per_entry)):
+            if isinstance(cfg, CorruptionConfig):
+                ev.results.extend(suite.corruptions(cfg, i))
+            elif cfg.minimal:
+                ev.results.extend(suite.minimal(cfg, eps_list, i))
+            else:
+                ev.results.extend(suite.bounded(cfg, eps_list, i))
+            if on_result is not None:
+                on_result(ev)
     violations = sum(r.violations for r in ev.results)
     nonfinite = sum(r.nonfinite for r in ev.results) + (0 if finite else 1)
     checks.append(check_record(

@@ -64,34 +64,52 @@ def test_metrics_are_consistent(digits_model):
     assert n == 120
     clean = m["clean_accuracy"]
     assert clean >= 0.95
+    correct = round(clean * n)
+    by = {(a["id"], a["epsilon"]): a for a in card.attacks}
     for a in card.attacks:
-        assert a["n"] == n and a["n_attacked"] == round(clean * n)  # only correct points are attacked
+        assert a["n"] == n and a["cascade"] is True
         assert a["robust_accuracy"] == pytest.approx((a["n_attacked"] - a["n_broken"]) / n)
         assert a["attack_success_rate"] == pytest.approx(a["n_broken"] / a["n_attacked"])
         assert a["robust_accuracy"] <= clean
         assert a["perturbation"]["max"] <= a["epsilon_value"] + 1e-6
+        assert a["gradients_per_point"] > 0 and a["queries_per_point"] >= a["gradients_per_point"]
+    for e in ("0.05", "0.1"):
+        fgsm, pgd = by[("fgsm-linf", e)], by[("pgd-linf", e)]
+        assert fgsm["n_attacked"] == correct  # the first stage sees every correct point
+        assert pgd["n_attacked"] == fgsm["n_attacked"] - fgsm["n_broken"]  # the next only the survivors
+        assert m[f"robust_accuracy:worst-linf@{e}"] == pgd["robust_accuracy"] <= fgsm["robust_accuracy"]
+    assert by[("pgd-linf", "1/5")]["n_attacked"] == correct
+    assert by[("fgsm-linf", "0.1")]["gradients_per_point"] == 1.0  # FGSM: one gradient per point
     pgd = [m[f"robust_accuracy:pgd-linf@{e}"] for e in ("0.05", "0.1", "1/5")]
     assert pgd[0] >= pgd[1] >= pgd[2]  # robust accuracy falls as epsilon grows
     assert pgd[0] > pgd[2] + 0.3
-    for e in ("0.05", "0.1"):  # the worst case is no better than any single attack
-        worst = m[f"robust_accuracy:worst-linf@{e}"]
-        assert worst <= min(m[f"robust_accuracy:fgsm-linf@{e}"], m[f"robust_accuracy:pgd-linf@{e}"])
     assert m["robust_accuracy:worst-linf@1/5"] == m["robust_accuracy:pgd-linf@1/5"]
     assert {c["name"]: c["status"] for c in card.checks} == {"output-logits": "pass", "budget": "pass", "finite": "pass"}
 
 
+def test_cascade_off_runs_every_attack_on_every_point():
+    card = harness.run({**SMALL, "cascade": False})
+    correct = round(card.metrics["clean_accuracy"] * 120)
+    assert all(a["n_attacked"] == correct and a["cascade"] is False for a in card.attacks)
+    cascaded = harness.run(SMALL)
+    for e in ("0.05", "0.1"):  # same worst case either way (up to the random starts the batches get)
+        key = f"robust_accuracy:worst-linf@{e}"
+        assert abs(card.metrics[key] - cascaded.metrics[key]) <= 0.02
+        assert card.metrics[key] <= min(card.metrics[f"robust_accuracy:fgsm-linf@{e}"], card.metrics[f"robust_accuracy:pgd-linf@{e}"])
+
+
 def test_worst_case_is_per_sample_not_min_of_means():
-    from harness.config import AttackConfig, Epsilon
+    from harness.config import AttackConfig
     from harness.runner import AttackResult, Evaluation
 
     correct = torch.tensor([True, True, True, True])
-    eps = Epsilon("0.1", 0.1)
     a = AttackConfig(name="pgd", norm="linf", epsilons=[0.1])
     b = AttackConfig(name="fgsm", norm="linf", epsilons=[0.1])
     nan = torch.full((4,), float("nan"))
+    ra, rb = torch.tensor([True, True, False, False]), torch.tensor([False, True, True, True])
     ev = Evaluation(n=4, correct=correct, results=[
-        AttackResult(a, eps, torch.tensor([True, True, False, False]), nan, 0.0, 0, 0),
-        AttackResult(b, eps, torch.tensor([False, True, True, True]), nan, 0.0, 0, 0),
+        AttackResult(a, "pgd-linf", "0.1", 0.1, ra, correct, ~ra, nan, cascade=False),
+        AttackResult(b, "fgsm-linf", "0.1", 0.1, rb, correct, ~rb, nan, cascade=False),
     ])
     m = ev.metrics()
     assert m["robust_accuracy:pgd-linf@0.1"] == 0.5 and m["robust_accuracy:fgsm-linf@0.1"] == 0.75
