@@ -43,12 +43,50 @@ def _why(record: dict[str, Any]) -> list[str]:
     return out
 
 
+_PALETTE = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#1b7c83", "#d1242f", "#57606a")
+
+
+def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]]) -> str:
+    """A robust-accuracy-vs-epsilon chart as inline SVG (no script, no fetch); labels escaped."""
+    from markupsafe import escape
+
+    w, h, left, bottom, top, right = 460, 260, 46, 34, 12, 150
+    xmax = max((x for pts in lines.values() for x, _ in pts), default=1.0) or 1.0
+    sx = lambda x: left + (w - left - right) * x / xmax
+    sy = lambda y: top + (h - top - bottom) * (1 - y)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+             f'aria-label="robust accuracy against {escape(norm)} epsilon" style="max-width:100%;height:auto">']
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#d0d7de"/>'
+                     f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" font-size="11" text-anchor="end">{t:g}</text>')
+    for t in (0.0, xmax / 2, xmax):
+        parts.append(f'<text x="{sx(t):.1f}" y="{h - bottom + 16}" font-size="11" text-anchor="middle">{t:.3g}</text>')
+    parts.append(f'<text x="{(left + w - right) / 2:.1f}" y="{h - 4}" font-size="12" text-anchor="middle">{escape(norm)} epsilon</text>')
+    for i, (name, pts) in enumerate(sorted(lines.items(), key=lambda kv: kv[0] == "worst")):
+        colour = "#1f2328" if name == "worst" else _PALETTE[i % len(_PALETTE)]
+        dash = ' stroke-dasharray="5 3"' if name == "worst" else ""
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
+        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>' for x, y in pts]
+        parts.append(f'<text x="{w - right + 8}" y="{top + 14 + 16 * i}" font-size="12" fill="{colour}">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _charts(record: dict[str, Any]) -> list[tuple[str, str]]:
+    from markupsafe import Markup
+
+    from .metrics import curves
+
+    return [(norm, Markup(curve_svg(norm, lines))) for norm, lines in sorted(curves(record).items())]
+
+
 def report_html(record: dict[str, Any]) -> str:
-    return _env().get_template("report.html.j2").render(card=record, why=_why(record), compact=False)
+    return _env().get_template("report.html.j2").render(card=record, why=_why(record), compact=False, charts=_charts(record))
 
 
 def compact_html(record: dict[str, Any]) -> str:
-    return _env().get_template("report.html.j2").render(card=record, why=_why(record), compact=True)
+    return _env().get_template("report.html.j2").render(card=record, why=_why(record), compact=True, charts=_charts(record))
 
 
 def junit_xml(record: dict[str, Any]) -> str:
