@@ -1,6 +1,8 @@
-"""Evasion attacks (native torch, adapters over foolbox and ART) and, later, poisoning probes."""
+"""Evasion attacks: native torch (gradient, APGD, minimal-perturbation, score-based black-box,
+baselines, the `standard` ensemble) and adapters over foolbox and ART."""
 
-from .base import ATTACKS, Attack, attack_epsilons, attack_params
+from . import apgd, baselines, ensemble, gradient, minimal, square  # noqa: F401  (registers the attacks)
+from .base import ATTACKS, Attack, attack_epsilons, attack_params, is_minimal, supports_target
 from .gradient import FGSM, PGD
 from .threat import BOUNDS, BUDGET_TOLERANCE, NORMS, ThreatModel
 
@@ -9,6 +11,8 @@ __all__ = [
     "Attack",
     "attack_epsilons",
     "attack_params",
+    "is_minimal",
+    "supports_target",
     "FGSM",
     "PGD",
     "ThreatModel",

@@ -26,13 +26,24 @@ def _validated(cls: type, params: dict[str, Any], what: str):
 
 
 def build_attack(name: str, norm: str, backend: str, params: dict[str, Any]):
+    """A native attack, a native name run by a library (``backend: foolbox|art``), or, with a backend,
+    a library's attack class by name. Imports a library only when the entry names its backend."""
+    if backend != "native":
+        from .adapters import ADAPTERS, library_attack, require_installed
+
+        require_installed(backend)  # a missing library is bad input, found before any work starts
+        if name not in ATTACKS:
+            attack = library_attack(backend, name, params)
+            if norm not in attack.norms:
+                works = f"works in the {' and '.join(attack.norms)} norm, not {norm!r}" if attack.norms else "measures neither linf nor l2"
+                raise ValueError(f"{backend} attack {name!r} {works}")
+            return attack
+    if name not in ATTACKS:
+        hint = "; a foolbox or ART class name needs `backend: foolbox` or `backend: art`" if name[:1].isupper() else ""
+        raise ValueError(f"unknown attack {name!r} (valid: {', '.join(ATTACKS.names())}{hint})")
     cls = ATTACKS.get(name)
     if norm not in cls.norms:
         raise ValueError(f"attack {name!r} does not support norm {norm!r} (valid: {', '.join(cls.norms)})")
     if backend == "native":
         return _validated(cls, params, f"attack {name!r}")
-    from .adapters import ADAPTERS, require_installed
-
-    require_installed(backend)  # a missing library is bad input, found before any work starts
-    adapter = ADAPTERS.get(backend)
-    return _validated(adapter, {"attack": name, **params}, f"{backend} attack {name!r}")
+    return _validated(ADAPTERS.get(backend), {"attack": name, **params}, f"{backend} attack {name!r}")

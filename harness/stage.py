@@ -79,7 +79,7 @@ def run_pairs(attack, replicas: Sequence[torch.nn.Module], counters: Sequence[Co
               on_batch: Optional[Callable[[], None]] = None) -> PairResult:
     """Attacks pairs (sample[i], eps[i]) in batches sharded over the replicas; eps may be inf (minimal attacks)."""
     m = int(sample.numel())
-    batches = list(torch.arange(m).split(max(1, batch_size)))
+    batches = list(torch.arange(m).split(max(1, batch_size))) if m else []  # split() of nothing gives one empty batch
 
     def run(i: int, rows: torch.Tensor, slot: int):
         model = replicas[slot]
