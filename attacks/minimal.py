@@ -58,8 +58,14 @@ class CarliniWagner:
     smallest-L2 successful iterate seen. With ``abort_early`` a sample leaves a round once its loss
     stops falling (checked every tenth of ``steps``).
 
-    Defaults are Carlini's and foolbox's (9 rounds, step 0.01, c from 1e-3) except ``steps``:
-    100 rather than 10,000, the price of running in a test suite; raise it for a final audit.
+    Defaults are Carlini's and foolbox's (9 rounds, Adam step 0.01, c from 1e-3, confidence 0,
+    abort early) except ``steps``: 100 rather than 10,000, for speed. Adam moves each coordinate
+    about ``stepsize`` a step in tanh space, so ``steps * stepsize`` bounds how far a round goes,
+    and pixels at exactly 0 or 1 (where tanh is flat) barely move at all. Where perturbations are
+    large against that, raise ``stepsize`` or ``steps``: on the builtin 8x8 digits (58% of pixels at
+    0 or 1) the defaults break 95% of points at median L2 0.73, ``stepsize=0.1`` breaks all at
+    0.55 (1,000 steps of 0.01: 0.54); on 3x32x32 images with small perturbations 0.1 is 55% worse
+    than 0.01. Raise ``steps`` for a final audit.
 
     Norms: l2. Minimal; supports targets. Example::
 

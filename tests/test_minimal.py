@@ -20,6 +20,9 @@ UNBOUNDED = {norm: ThreatModel(norm, math.inf) for norm in ("l2", "linf")}
 # against DeepFool's 0.55 (64 points). A step of 0.1 travels there (100%, 0.55); the default stays
 # Carlini's 0.01, which larger images with small perturbations need (see the module docstring).
 DIGITS_CW = CarliniWagner(stepsize=0.1)
+# For the fast tests, 5 rounds from c = 0.01 instead of 9 from 0.001: the rounds at c <= 0.01 find
+# nothing on this model; the same median on 32 points (0.5455) at half the cost.
+DIGITS_CW_FAST = CarliniWagner(stepsize=0.1, binary_search_steps=5, initial_const=1e-2)
 
 
 def _distance(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
@@ -132,7 +135,7 @@ def digits_runs(digits_points, wrapped_digits):
     """Each attack once on the same points, shared by the tests below (CW is the costly one)."""
     x, y = digits_points
     return {
-        "cw-l2": DIGITS_CW(wrapped_digits, x, y, UNBOUNDED["l2"]),
+        "cw-l2": DIGITS_CW_FAST(wrapped_digits, x, y, UNBOUNDED["l2"]),
         "deepfool-l2": DeepFool()(wrapped_digits, x, y, UNBOUNDED["l2"]),
         "deepfool-linf": DeepFool()(wrapped_digits, x, y, UNBOUNDED["linf"]),
     }
