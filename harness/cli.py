@@ -154,7 +154,9 @@ def _listing(kind: str) -> list[str]:
             knobs = ", ".join(f"{f}={p.default!r}" for f, p in attack_params(cls).items())
             summary = (cls.__doc__ or "").strip().splitlines()[0]
             lines.append(f"{name:<8} norms {'/'.join(cls.norms):<8} {knobs}    {summary}")
-        lines.append("(any of these through a library: add `backend: foolbox` or `backend: art` to the attack entry)")
+        from attacks.adapters import NAMING
+
+        lines.append(f"({NAMING})")
         return lines
     if kind == "models":
         from .models import model_choices

@@ -172,7 +172,8 @@ class AttackConfig(Strict):
         from attacks.base import is_minimal, supports_target
 
         if self.backend == "native" and self.name not in ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r} (valid: {', '.join(ATTACKS.names() + ['corruptions'])})")
+            raise ValueError(f"unknown attack {self.name!r} (valid: {', '.join(ATTACKS.names() + ['corruptions'])}; "
+                             "a foolbox or ART class needs `backend: foolbox` or `backend: art`)")
         attack = self.build()  # validates the knobs now, before any model is loaded
         if not self.epsilons and not is_minimal(attack):
             raise ValueError(f"attack {self.name!r} needs `epsilons` (a list of budgets, e.g. [\"8/255\"])")

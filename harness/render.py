@@ -54,7 +54,7 @@ def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]]) -> str:
     xmax = max((x for pts in lines.values() for x, _ in pts), default=1.0) or 1.0
     sx = lambda x: left + (w - left - right) * x / xmax
     sy = lambda y: top + (h - top - bottom) * (1 - y)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
              f'aria-label="robust accuracy against {escape(norm)} epsilon" style="max-width:100%;height:auto">']
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
         parts.append(f'<line x1="{left}" x2="{w - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#d0d7de"/>'

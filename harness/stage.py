@@ -37,6 +37,7 @@ class Counting(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.train(model.training)  # an eval-mode model stays one in the libraries' eyes
         self._lock = threading.Lock()
         self.queries = 0
         self.gradients = 0

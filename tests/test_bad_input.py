@@ -142,7 +142,7 @@ def case_zero_denominator(tmp):
 @case
 def case_empty_epsilons(tmp):
     cfg = write_config(tmp, attacks=[pgd(epsilons=[])])
-    return ["validate", str(cfg)], ["attacks[0].epsilons", "at least 1"]
+    return ["validate", str(cfg)], ["attacks[0]", "needs `epsilons`"]
 
 
 # --- model sources and weights ----------------------------------------------------------------
