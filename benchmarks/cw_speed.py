@@ -115,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"digits CNN, {len(y)} points; {args.binary_search_steps} binary search steps x {args.steps} steps, "
           f"step size {args.stepsize}, initial const {args.initial_const}; median of {args.repeats}")
     print(f"| {'implementation':<30} | {'seconds':>8} | {'x ours':>6} | {'min..max s':>13} | {'median L2':>9} | {'broken':>6} |")
-    print(f"|{'-' * 32}|{'-' * 10}:|{'-' * 8}:|{'-' * 15}:|{'-' * 11}:|{'-' * 8}:|")
+    print(f"|{'-' * 32}|{'-' * 9}:|{'-' * 7}:|{'-' * 14}:|{'-' * 10}:|{'-' * 7}:|")
     ours = times["harness cw"]
     for name in runs:
         ratio = statistics.median(t / o for t, o in zip(times[name], ours))

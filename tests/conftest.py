@@ -33,6 +33,15 @@ def wrapped_digits(digits_model):
     return BoundedModel(digits_model)
 
 
+@pytest.fixture(scope="session")
+def correct_digits(wrapped_digits, digits_test) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out digits the builtin model gets right (the points the runner attacks), in order."""
+    x, y = digits_test
+    with torch.no_grad():
+        keep = wrapped_digits(x).argmax(dim=1) == y
+    return x[keep], y[keep]
+
+
 class LinearNet(nn.Module):
     """A tiny model whose behaviour is known in closed form (used by reference-value tests)."""
 

@@ -31,15 +31,6 @@ def _robust_accuracy(model, adv: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(adv).argmax(dim=1) == y).float().mean())
 
 
-@pytest.fixture(scope="module")
-def correct_digits(wrapped_digits, digits_test):
-    """The test points the model gets right (the ones the runner attacks)."""
-    x, y = digits_test
-    with torch.no_grad():
-        keep = wrapped_digits(x).argmax(dim=1) == y
-    return x[keep], y[keep]
-
-
 def test_every_backend_has_a_library():
     assert set(BACKENDS) == set(LIBRARIES)
 

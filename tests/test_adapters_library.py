@@ -21,14 +21,6 @@ from attacks.config import build_attack
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def correct_digits(wrapped_digits, digits_test):
-    x, y = digits_test
-    with torch.no_grad():
-        keep = wrapped_digits(x).argmax(dim=1) == y
-    return x[keep], y[keep]
-
-
 def _robust(model, adv: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(adv).argmax(dim=1) == y).float().mean())
