@@ -34,9 +34,9 @@ def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _check_norm(attack: object, threat: ThreatModel) -> None:
-    if threat.norm not in attack.norms:  # type: ignore[attr-defined]
-        raise ValueError(f"{type(attack).__name__} supports {', '.join(attack.norms)}, not {threat.norm!r}")  # type: ignore[attr-defined]
+def _check_norm(name: str, norms: tuple[str, ...], threat: ThreatModel) -> None:
+    if threat.norm not in norms:
+        raise ValueError(f"{name} supports {', '.join(norms)}, not {threat.norm!r}")
 
 
 def _within_budget(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
@@ -92,7 +92,7 @@ class CarliniWagner:
     def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None,
                  target: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_batch(x, y)
-        _check_norm(self, threat)
+        _check_norm("cw", self.norms, threat)
         with torch.enable_grad():  # callers may hold no_grad; the attack still needs input gradients
             best = self._search(model, x.detach(), y, target)
         return _within_budget(best, x.detach(), threat)
@@ -210,7 +210,7 @@ class DeepFool:
     def __call__(self, model, x, y, threat: ThreatModel, *, generator: Optional[torch.Generator] = None,
                  target: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_batch(x, y)
-        _check_norm(self, threat)
+        _check_norm("deepfool", self.norms, threat)
         if target is not None:
             raise ValueError("deepfool is untargeted: it takes no target")
         with torch.enable_grad():  # callers may hold no_grad; the attack still needs input gradients

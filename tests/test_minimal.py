@@ -18,7 +18,7 @@ UNBOUNDED = {norm: ThreatModel(norm, math.inf) for norm in ("l2", "linf")}
 # (atanh of 0.999999 is 7.25, 700 Adam steps of 0.01 away from moving), and at the default 0.01
 # the 100 steps of a round do not travel far enough: measured 95% of points broken, median L2 0.73
 # against DeepFool's 0.55 (64 points). A step of 0.1 travels there (100%, 0.55); the default stays
-# Carlini's 0.01, which larger images with small perturbations need (see the module docstring).
+# Carlini's 0.01, which larger images with small perturbations need (see CarliniWagner's docstring).
 DIGITS_CW = CarliniWagner(stepsize=0.1)
 # For the fast tests, 5 rounds from c = 0.01 instead of 9 from 0.001: the rounds at c <= 0.01 find
 # nothing on this model; the same median on 32 points (0.5455) at half the cost.
@@ -124,10 +124,9 @@ def test_cw_targeted_on_a_linear_model():
 
 
 @pytest.fixture(scope="module")
-def digits_points(digits_test, wrapped_digits):
-    x, y = digits_test
-    keep = _predict(wrapped_digits, x) == y
-    return x[keep][:32], y[keep][:32]
+def digits_points(correct_digits):
+    x, y = correct_digits
+    return x[:32], y[:32]
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +161,9 @@ def test_cw_at_least_as_tight_as_deepfool_on_digits(digits_runs, digits_points, 
         fooled = _predict(wrapped_digits, adv) != y
         medians[run] = float(_distance(adv, x, "l2")[fooled].median())
     print(f"median L2 on {len(x)} digits: {medians}")
-    assert medians["cw-l2"] <= 1.05 * medians["deepfool-l2"], medians  # measured 0.5620 / 0.5610 on 128
+    # measured 0.5455 / 0.5610 here; 0.5620 / 0.5610 on 128 points: on this small model DeepFool is
+    # nearly as tight as CW (1,000 steps of CW: 0.5434 / 0.5522 on 64)
+    assert medians["cw-l2"] <= 1.05 * medians["deepfool-l2"], medians
 
 
 # --- the contract -----------------------------------------------------------------------------------
@@ -220,39 +221,51 @@ def test_bad_arguments():
 
 
 @pytest.fixture(scope="module")
-def digits_64(digits_test, wrapped_digits):
-    x, y = digits_test
-    keep = _predict(wrapped_digits, x) == y
-    return x[keep][:64], y[keep][:64]
+def digits_64(correct_digits):
+    x, y = correct_digits
+    return x[:64], y[:64]
 
 
 def _median_l2(model, adv, x, y, norm="l2") -> tuple[float, float]:
     fooled = _predict(model, adv) != y
+    fooled &= adv.flatten(1).any(dim=1)  # foolbox hands back an all-zero image where it found nothing
     return float(_distance(adv, x, norm)[fooled].median()), float(fooled.float().mean())
 
 
 @pytest.mark.slow
-def test_cw_against_foolbox_and_art(digits_64, wrapped_digits):
+@pytest.mark.parametrize("attack", [CarliniWagner(), DIGITS_CW], ids=["defaults", "stepsize-0.1"])
+def test_cw_against_foolbox(attack, digits_64, wrapped_digits):
     fb = pytest.importorskip("foolbox")
+    x, y = digits_64
+    ours = _median_l2(wrapped_digits, attack(wrapped_digits, x, y, UNBOUNDED["l2"]), x, y)
+    theirs = fb.attacks.L2CarliniWagnerAttack(binary_search_steps=attack.binary_search_steps, steps=attack.steps,
+                                              stepsize=attack.stepsize, initial_const=attack.initial_const)
+    theirs = _median_l2(wrapped_digits, theirs(fb.PyTorchModel(wrapped_digits, bounds=(0, 1)), x, y, epsilons=None)[0], x, y)
+    print(f"CW median L2 / success: ours {ours}, foolbox {theirs}")
+    # measured: defaults 0.7282 / 0.953 for both; stepsize 0.1 0.5455 / 1.0 against 0.5438 / 1.0 (foolbox
+    # ends a round when the whole batch's loss stalls, the harness per sample: a few steps fewer)
+    assert ours[1] >= theirs[1]
+    assert ours[0] <= 1.05 * theirs[0]
+
+
+@pytest.mark.slow
+def test_cw_against_art(digits_64, wrapped_digits):
     pytest.importorskip("art")
     from art.attacks.evasion import CarliniL2Method
     from art.estimators.classification import PyTorchClassifier
 
     x, y = digits_64
     ours = _median_l2(wrapped_digits, DIGITS_CW(wrapped_digits, x, y, UNBOUNDED["l2"]), x, y)
-    same = dict(binary_search_steps=DIGITS_CW.binary_search_steps, initial_const=DIGITS_CW.initial_const)
-    fattack = fb.attacks.L2CarliniWagnerAttack(steps=DIGITS_CW.steps, stepsize=DIGITS_CW.stepsize, **same)
-    fadv = fattack(fb.PyTorchModel(wrapped_digits, bounds=(0, 1)), x, y, epsilons=None)[0]
-    theirs_fb = _median_l2(wrapped_digits, fadv, x, y)
     clf = PyTorchClassifier(wrapped_digits, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 8, 8), nb_classes=10,
                             clip_values=(0.0, 1.0))
-    aattack = CarliniL2Method(clf, max_iter=DIGITS_CW.steps, learning_rate=DIGITS_CW.stepsize, batch_size=64,
-                              verbose=False, **same)
-    aadv = torch.from_numpy(aattack.generate(x.numpy(), y=y.numpy()))
-    theirs_art = _median_l2(wrapped_digits, aadv, x, y)
-    print(f"CW median L2 / success: ours {ours}, foolbox {theirs_fb}, ART {theirs_art}")
-    assert ours[1] >= max(theirs_fb[1], theirs_art[1])
-    assert ours[0] <= 1.05 * theirs_fb[0] and ours[0] <= 1.05 * theirs_art[0]
+    attack = CarliniL2Method(clf, binary_search_steps=DIGITS_CW.binary_search_steps, max_iter=DIGITS_CW.steps,
+                             learning_rate=DIGITS_CW.stepsize, initial_const=DIGITS_CW.initial_const, batch_size=64,
+                             verbose=False)
+    theirs = _median_l2(wrapped_digits, torch.from_numpy(attack.generate(x.numpy(), y=y.numpy())), x, y)
+    print(f"CW median L2 / success: ours {ours}, ART {theirs}")
+    # measured 0.5455 / 1.0 against 0.7260 / 0.9375 (ART: gradient steps with a line search, not Adam)
+    assert ours[1] >= theirs[1]
+    assert ours[0] <= 1.05 * theirs[0]
 
 
 @pytest.mark.slow
