@@ -208,6 +208,14 @@ def library_classes(backend: str) -> dict[str, type]:
     return {n: c for n, c in vars(module).items() if isinstance(c, type) and issubclass(c, base) and not inspect.isabstract(c)}
 
 
+# Library attacks that read only the model's outputs (score- or decision-based); every other
+# library attack is taken as white-box (it asks the estimator for gradients).
+BLACK_BOX = frozenset({
+    "BoundaryAttack", "HopSkipJumpAttack", "HopSkipJump", "SquareAttack", "SimBA", "ZooAttack", "GeoDA", "SignOPTAttack",
+    "PixelAttack", "ThresholdAttack", "SpatialTransformation",
+})
+
+
 @dataclass(frozen=True)
 class _LibraryClass:
     """A library attack class named in a config, and keyword arguments for its constructor.
@@ -221,6 +229,7 @@ class _LibraryClass:
     norms: tuple[str, ...] = field(init=False)
     minimal: bool = field(init=False)
     supports_target: bool = field(init=False)
+    access: str = field(init=False)
 
     backend: ClassVar[str]
     supplied: ClassVar[dict[str, str]]  # constructor arguments the adapter fills in, and from what
@@ -243,6 +252,7 @@ class _LibraryClass:
             raise ValueError(f"{what} needs parameter {missing[0]!r}")
         for name, value in zip(("norms", "minimal", "supports_target"), self._derive(classes[self.attack], what)):
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "access", "black-box" if self.attack in BLACK_BOX else "white-box")
 
     def _class(self, target: Optional[torch.Tensor]) -> type:
         if target is not None and not self.supports_target:

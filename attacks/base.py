@@ -11,7 +11,12 @@ from harness.registry import Registry
 
 from .threat import ThreatModel
 
-__all__ = ["Attack", "ATTACKS", "attack_epsilons", "check_batch", "attack_params", "is_minimal", "supports_target"]
+__all__ = ["Attack", "ATTACKS", "attack_epsilons", "check_batch", "attack_params", "is_minimal", "supports_target", "access_of",
+           "ACCESS"]
+
+# What an attack reads of the model: gradients (white-box), only outputs (black-box), or nothing
+# it adapts (noise: random draws). The runner's gradient-masking check compares them.
+ACCESS = ("white-box", "black-box", "noise")
 
 
 class Attack(Protocol):
@@ -31,6 +36,7 @@ class Attack(Protocol):
     norms: ClassVar[tuple[str, ...]]
     minimal: ClassVar[bool]
     supports_target: ClassVar[bool]
+    access: ClassVar[str]  # one of ACCESS; white-box when absent
 
     def __call__(
         self,
@@ -50,6 +56,11 @@ def is_minimal(attack: object) -> bool:
 
 def supports_target(attack: object) -> bool:
     return bool(getattr(attack, "supports_target", False))
+
+
+def access_of(attack: object) -> str:
+    """white-box, black-box or noise (see ACCESS); an attack that does not say is white-box."""
+    return str(getattr(attack, "access", "white-box"))
 
 
 ATTACKS: Registry[type] = Registry("attack")

@@ -40,6 +40,7 @@ class Noise:
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     minimal: ClassVar[bool] = False
     supports_target: ClassVar[bool] = True
+    access: ClassVar[str] = "noise"
 
     def __post_init__(self) -> None:
         if self.draws < 1:

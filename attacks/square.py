@@ -99,6 +99,7 @@ class Square:
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     minimal: ClassVar[bool] = False
     supports_target: ClassVar[bool] = True
+    access: ClassVar[str] = "black-box"
 
     def __post_init__(self) -> None:
         if self.queries < 1:

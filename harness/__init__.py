@@ -37,5 +37,7 @@ def gate(scorecard: Any, config: Any = None, baseline: Any = None):
 
     card = scorecard if isinstance(scorecard, Scorecard) else Scorecard.load(scorecard)
     base = baseline if isinstance(baseline, Scorecard) or baseline is None else Scorecard.load(baseline)
-    gates = None if config is None else resolve_config(config)[0].gates
-    return card.rejudge(gates, base)
+    if config is None:
+        return card.rejudge(None, base)
+    cfg = resolve_config(config)[0]
+    return card.rejudge(cfg.gates, base, on_inconclusive=cfg.on_inconclusive)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import platform
 import random
 import time
 from pathlib import Path
@@ -29,18 +28,6 @@ def resolve_config(config: ConfigLike) -> tuple[Config, Path, str]:
         return parse_config(config, "config"), Path.cwd(), "config"
     cfg, base, _ = load_config(config)
     return cfg, base, "default" if config is None else str(config)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("harness", "torch", "torchvision", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _seed_everything(seed: int) -> None:
@@ -70,13 +57,15 @@ def _as_data(data: Any, cfg: Config):
 
 def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: Optional[Union[str, Path]] = None,
         device: Optional[Union[str, list]] = None, seed: Optional[int] = None, baseline: Optional[Union[str, Path, Scorecard]] = None,
-        show_progress: Optional[bool] = None) -> Scorecard:
+        show_progress: Optional[bool] = None, resume: bool = False) -> Scorecard:
     """Runs a suite and returns its Scorecard; writes the run's outputs to `out` when given.
 
     `config` is a YAML path, a dict, a Config, or None for the embedded default. `model` (a
     torch.nn.Module taking the config's preprocessing) and `data` ((x, y) tensors in [0, 1]) override
-    the config's. Bad input raises BadInput; a failed run raises RunFailed, with finished results
-    saved to `out/scorecard.partial.json`.
+    the config's. Bad input raises BadInput; a failed or interrupted run raises RunFailed, with
+    finished results saved to `out/scorecard.partial.json` and `out/run-state.json` as each attack
+    at each epsilon finishes. `resume=True` reuses what a run into the same `out` finished (when its
+    config, model and data hashes match) and computes only the rest.
     """
     cfg, base, label = resolve_config(config)
     if seed is not None or device is not None:
@@ -111,7 +100,13 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     if pre.mean is not None and len(pre.mean) != ds.x.shape[1] or pre.std is not None and len(pre.std) != ds.x.shape[1]:
         raise BadInput("model.preprocessing", f"mean/std need one value per channel: the data has {ds.x.shape[1]}")
 
+    from .provenance import config_artifact, data_artifact, model_artifacts, package_versions
+
     config_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    artifacts = [] if model is not None else model_artifacts(cfg.model.source, cfg.model.weights, base)
+    if data is None:
+        artifacts += [a for a in [data_artifact(cfg.data.source, base, split=cfg.data.split)] if a]
+    artifacts += [a for a in [config_artifact(config)] if a]
     provenance: dict[str, Any] = {
         **{k: v for k, v in model_info.items() if k != "source"},
         "model_source": model_info["source"],
@@ -123,39 +118,69 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
         "config_file": label,
         "seed": cfg.seed,
         "device": ",".join(str(d) for d in devices),
-        "versions": _versions(),
+        "versions": package_versions(),
         "started_at": started.isoformat(timespec="seconds"),
         "duration_s": 0.0,
+        "artifacts": artifacts,
     }
 
     def record_of(ev) -> dict[str, Any]:
-        from .metrics import metric_counts
+        from .metrics import metric_counts, metric_id, metric_intervals
 
-        rec = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "passed": False, "verdict": "inconclusive",
+        rec = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "passed": False, "verdict": "inconclusive", "on_inconclusive": cfg.on_inconclusive,
                "metrics": ev.metrics(), "gates": [], "attacks": [r.record() for r in ev.results],
                "probes": [], "defenses": [], "checks": list(ev.checks),
                "provenance": {**provenance, "duration_s": round(time.perf_counter() - t0, 3)}}
-        rec["gates"] = judge_gates(cfg.gates, rec["metrics"], metric_counts(rec), None if base_card is None else base_card.metrics)
+        rec["intervals"] = metric_intervals(rec)  # 95% Wilson, for every accuracy with a sample count
+        for a in rec["attacks"]:
+            a["ci95"] = rec["intervals"].get(metric_id("robust_accuracy", a["id"], a["epsilon"]))
+        rec["gates"] = judge_gates(cfg.gates, rec["metrics"], metric_counts(rec), None if base_card is None else base_card.metrics,
+                                   on_inconclusive=cfg.on_inconclusive)
         rec["passed"], rec["verdict"] = overall_verdict(rec["gates"], rec["checks"])
         return rec
 
+    from .resume import STATE_FILE, fingerprint, load_state, save_state
+
     partial = Path(out) / "scorecard.partial.json" if out is not None else None
+    state = Path(out) / STATE_FILE if out is not None else None
+    print_ = fingerprint(json.loads(config_json), provenance.get("model_sha256", ""), provenance["dataset_sha256"], provenance["versions"].get("harness", ""))
+    done: dict = {}
+    if resume:
+        if state is None:
+            note = "resume needs an output directory (out=) holding a saved run: starting from the beginning"
+        else:
+            done, note = load_state(state, print_, len(ds), cfg.attacks)
+        provenance["resume"] = note
+        _say(note)
 
     def save_partial(ev) -> None:
         if partial is not None:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            save_state(state, print_, len(ds), ev.results)
             write_text_atomic(partial, Scorecard({**record_of(ev), "passed": False, "verdict": "inconclusive"}).to_json())
 
     try:
         ev = evaluate(wrapped, ds, cfg.attacks, devices, cfg.data.batch_size, cfg.seed, cfg.model.num_classes,
-                      on_result=save_partial, show_progress=show_progress, cascade=cfg.cascade)
+                      on_result=save_partial, show_progress=show_progress, cascade=cfg.cascade, done=done)
     except (BadInput, RunFailed):
         raise
     except KeyboardInterrupt:
-        raise RunFailed(f"interrupted; finished results are in {partial}" if partial else "interrupted") from None
+        raise RunFailed(f"interrupted; finished results are in {partial} (`harness run ... --resume` continues)" if partial else "interrupted") from None
     except Exception as e:
         where = f"; finished results are in {partial}" if partial is not None and partial.exists() else ""
         raise RunFailed(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}{where}") from e
-    card = Scorecard(record_of(ev))
+    from .outcomes import Outcomes
+
+    # rejudged with the per-sample outcomes, so max_drop against a baseline is a paired test
+    card = Scorecard(record_of(ev), Outcomes.from_evaluation(ev, ds.ids)).rejudge(cfg.gates, base_card)
     if out is not None:
         card.save(out)
+        if state.exists():
+            state.unlink()  # the run is whole: scorecard.json says everything the state did
     return card
+
+
+def _say(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)

@@ -5,15 +5,16 @@ Nothing heavy is imported at module level, so `harness --help` does not load tor
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import click
 
-from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, BadInput, RunFailed
+from .errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_PASS, EXIT_RUN_FAILED, BadInput, RunFailed
 
 __all__ = ["main", "cli"]
 
@@ -69,10 +70,55 @@ def cli(debug: bool) -> None:
     _State.debug = debug
 
 
+REPORTS = Path("reports")
+PARTIAL = "scorecard.partial.json"
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+
+
 def _default_out(name: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("reports") / f"{safe}-{stamp}"
+    return REPORTS / f"{_safe_name(name)}-{stamp}"
+
+
+def _resumable(name: str, reports: Path = REPORTS) -> Optional[Path]:
+    """The reports/<name>-*/ holding the most recently saved unfinished run of the config `name`."""
+    import json
+
+    found = []
+    for d in reports.glob(f"{_safe_name(name)}-*"):
+        partial = d / PARTIAL
+        try:
+            recorded = json.loads(partial.read_text(encoding="utf-8"))
+            mtime = partial.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        # the glob alone would also match "<name>-v2-*"; the record says whose run it is
+        if isinstance(recorded, dict) and recorded.get("name") == name:
+            found.append((mtime, d.name, d))
+    return max(found)[2] if found else None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a run lasts, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so both stop it cleanly."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _print_summary(card, out: Optional[Path]) -> None:
@@ -86,7 +132,7 @@ def _print_summary(card, out: Optional[Path]) -> None:
         if c["status"] != "pass":
             click.echo(f"  [check {c['status']}] {c['name']}: {c['detail']}")
     if out is not None:
-        click.echo(f"outputs: {out}/ (scorecard.json, report.html, junit.xml, summary.md)")
+        click.echo(f"outputs: {out}/ (scorecard.json, report.html, junit.xml, summary.md, outcomes.json)")
 
 
 @cli.command()
@@ -95,19 +141,70 @@ def _print_summary(card, out: Optional[Path]) -> None:
 @click.option("--device", help="auto, cpu, cuda, cuda:N, or a comma-separated list to shard batches over.")
 @click.option("--baseline", type=click.Path(path_type=Path), help="A scorecard to judge max_drop gates against.")
 @click.option("--seed", type=int, help="Override the config's seed.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out [default: the newest reports/<name>-*/ "
+              "with a scorecard.partial.json], without recomputing what finished.")
 @_guard
-def run(config: Optional[Path], out: Optional[Path], device: Optional[str], baseline: Optional[Path], seed: Optional[int]) -> None:
-    """Run a suite (the embedded default when CONFIG is left out) and write its scorecard."""
+def run(config: Optional[Path], out: Optional[Path], device: Optional[str], baseline: Optional[Path], seed: Optional[int],
+        resume: bool) -> None:
+    """Run a suite (the embedded default when CONFIG is left out) and write its scorecard.
+
+    Ctrl-C or SIGTERM stops it with exit 3, keeping finished attacks; --resume continues it.
+    """
     from .api import resolve_config, run as run_suite
     from .devices import parse_devices
 
     cfg, _, _ = resolve_config(config)  # validate before anything heavy, and to name the output dir
     if device is not None:
         parse_devices(device)
+    extra = {}
+    if resume:
+        if out is None:
+            out = _resumable(cfg.name)
+            if out is None:
+                click.echo(f"harness: no unfinished run of {cfg.name!r} under {REPORTS}/ to resume; starting a fresh run", err=True)
+        elif not (out / PARTIAL).is_file():
+            click.echo(f"harness: {out}/ holds no {PARTIAL}: nothing finished to reuse, the run starts from the beginning", err=True)
+        if out is not None:
+            extra["resume"] = True
+            if (out / PARTIAL).is_file():
+                click.echo(f"harness: resuming the run in {out}/", err=True)
     out = out or _default_out(cfg.name)
-    card = run_suite(cfg if config is None else config, out=out, device=device, seed=seed, baseline=baseline)
+    try:
+        with _sigterm_as_interrupt():
+            card = run_suite(cfg if config is None else config, out=out, device=device, seed=seed, baseline=baseline, **extra)
+    except KeyboardInterrupt:  # before or after the attacks (harness.run maps one during them to RunFailed)
+        kept = f"; finished results are in {out / PARTIAL}" if (out / PARTIAL).is_file() else ""
+        raise RunFailed(f"interrupted{kept}") from None
     _print_summary(card, out)
     sys.exit(card.exit_code)
+
+
+@cli.command("verify")
+@click.argument("scorecard", type=click.Path(path_type=Path))
+@_guard
+def verify_(scorecard: Path) -> None:
+    """Re-hash the files a scorecard names; exit 1 on any mismatch.
+
+    SCORECARD is a scorecard.json or its directory. Checks the inputs the run recorded (weights,
+    model file, data, config) and the outputs written beside it (report.html, junit.xml, ...).
+    """
+    from .provenance import verify
+
+    rows = verify(scorecard)
+    if not rows:
+        click.echo(f"{scorecard}: the scorecard names no artifact, so there is nothing to verify")
+        sys.exit(EXIT_PASS)
+    for r in rows:
+        line = f"{r['status']:<8} {r['role']:<8} {r['path']}"
+        if r["status"] == "mismatch":
+            line += f"  (expected {r['expected'][:12]}..., found {r['actual'][:12]}...)"
+        click.echo(line)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "mismatch", "missing")}
+    bad = counts["mismatch"] + counts["missing"]
+    outputs = sum(r["role"] == "output" for r in rows)
+    click.echo(f"{'verified' if not bad else 'NOT verified'}: {len(rows) - outputs} input(s) and {outputs} output(s); "
+               f"{counts['ok']} ok, {counts['mismatch']} mismatch(es), {counts['missing']} missing")
+    sys.exit(EXIT_GATE_FAILED if bad else EXIT_PASS)
 
 
 @cli.command()

@@ -125,6 +125,16 @@ class DataConfig(Strict):
     batch_size: int = Field(default=256, ge=1)
     image_size: Optional[Union[int, tuple[int, int]]] = None
 
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _image_size(cls, v: Any) -> Any:
+        def size(n: Any) -> bool:
+            return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+        if v is None or size(v) or isinstance(v, (list, tuple)) and len(v) == 2 and all(size(n) for n in v):
+            return v
+        raise ValueError(f"must be a positive int or [height, width] of positive ints, got {v!r}")
+
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
@@ -232,6 +242,7 @@ class GateConfig(Strict):
     min: Optional[float] = None
     max: Optional[float] = None
     max_drop: Optional[float] = Field(default=None, ge=0)
+    on_inconclusive: Optional[Literal["fail", "pass"]] = None  # None: the config's top-level `on_inconclusive`
 
     @model_validator(mode="after")
     def _one_bound(self) -> "GateConfig":
@@ -252,6 +263,7 @@ class Config(Strict):
     probes: list[dict[str, Any]] = []
     defenses: list[dict[str, Any]] = []
     gates: list[GateConfig] = []
+    on_inconclusive: Literal["fail", "pass"] = "fail"  # a gate whose threshold lies inside its 95% interval
 
     @field_validator("probes", "defenses")
     @classmethod

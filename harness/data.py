@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import numbers
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,10 +47,26 @@ class Data:
         return h.hexdigest()
 
 
+# numpy kinds that are not pixel values or class labels (torch holds none of them but complex)
+_NOT_NUMBERS = {"U": "strings", "S": "bytes", "O": "Python objects", "M": "dates", "m": "time spans", "V": "raw records",
+                "c": "complex numbers"}
+
+
+def _tensor(a: np.ndarray | torch.Tensor, refusal: str, where: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        if a.is_complex():
+            raise BadInput(where, f"{refusal}, got complex numbers")
+        return a
+    a = np.asarray(a)
+    if a.dtype.kind in _NOT_NUMBERS:
+        raise BadInput(where, f"{refusal}, got {_NOT_NUMBERS[a.dtype.kind]} ({a.dtype})")
+    return torch.as_tensor(a)
+
+
 def _checked(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Validates and converts arrays into float32 (n, C, H, W) in [0, 1] and int64 labels."""
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    x = _tensor(x, "x must be float in [0, 1] or uint8 0-255", where)
+    y = _tensor(y, "y must hold integer class labels", where)
     if x.dim() != 4:
         raise BadInput(where, f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -56,8 +74,10 @@ def _checked(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, where: 
     if x.shape[0] == 0:
         raise BadInput(where, "the dataset is empty (0 samples)")
     if y.dtype.is_floating_point:
-        if not bool(torch.all(y == y.round())):
-            raise BadInput(where, "y must hold integer class labels")
+        bad = (y != y.round()).nonzero()  # NaN too: it equals nothing
+        if bad.numel():
+            i = int(bad[0])
+            raise BadInput(where, f"y must hold integer class labels, found {float(y[i]):g} at sample {i}")
     elif y.dtype == torch.bool:
         raise BadInput(where, "y must hold integer class labels, got booleans")
     y = y.long()
@@ -65,13 +85,15 @@ def _checked(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, where: 
         x = x.float() / 255.0
     elif x.dtype.is_floating_point:
         x = x.float()
-        if not bool(torch.isfinite(x).all()):
-            raise BadInput(where, "x contains NaN or infinite values")
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten()
+            raise BadInput(where, f"x contains NaN or infinite values in {bad.numel()} sample(s), the first at index {int(bad[0])}")
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise BadInput(where, f"float x must lie in [0, 1], found values in [{lo:.4g}, {hi:.4g}] (store uint8 0-255 or scale it)")
     else:
-        raise BadInput(where, f"x must be float in [0, 1] or uint8 0-255, got {x.dtype}")
+        raise BadInput(where, f"x must be float in [0, 1] or uint8 0-255, got {str(x.dtype).removeprefix('torch.')}")
     if int(y.min()) < 0:
         raise BadInput(where, f"labels must be non-negative, found {int(y.min())}")
     return x.contiguous(), y.contiguous()
@@ -106,8 +128,12 @@ def _resolve(path: str, base: Path) -> Path:
 @DATASETS.register("npz")
 def _npz(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, torch.Tensor]:
     path = _resolve(arg, base)
+    if path.is_dir():
+        raise BadInput(str(path), "is a directory, not an npz file")
     if not path.is_file():
         raise BadInput(str(path), "data file not found")
+    if not zipfile.is_zipfile(path):  # np.load would take anything else for a .npy or a pickle
+        raise BadInput(str(path), "not an npz file (expected a zip archive of arrays x and y, as numpy.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as f:  # never unpickle a data file
             missing = [k for k in ("x", "y") if k not in f.files]
@@ -125,8 +151,13 @@ def _npz(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, to
 
 def _to_tensors(dataset, where: str, image_size) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
+    files = getattr(dataset, "samples", None)  # (path, class) pairs of an image folder
     for i in range(len(dataset)):
-        img, label = dataset[i]
+        try:
+            img, label = dataset[i]
+        except Exception as e:
+            name = files[i][0] if files else f"{where} (sample {i})"
+            raise BadInput(str(name), f"cannot read image ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
         xs.append(img)
         ys.append(int(label))
     if not xs:
@@ -142,7 +173,11 @@ def _image_transform(image_size):
 
     # an int means a square: Resize(int) would only set the shorter side and keep mixed aspect ratios apart
     size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
-    steps = [transforms.Resize(size)] if image_size else []
+    positive = all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in size)
+    if image_size is not None and not (len(size) == 2 and positive):
+        shown = list(image_size) if isinstance(image_size, (list, tuple)) else repr(image_size)
+        raise BadInput("data.image_size", f"must be a positive int or [height, width] of positive ints, got {shown}")
+    steps = [transforms.Resize(size)] if image_size is not None else []
     return transforms.Compose(steps + [transforms.ToTensor()])
 
 
@@ -182,8 +217,9 @@ def _imagefolder(arg: str, split: str, base: Path, image_size) -> tuple[torch.Te
         path = path / split
     if not path.is_dir():
         raise BadInput(str(path), "image folder not found")
+    transform = _image_transform(image_size)
     try:
-        dataset = ImageFolder(str(path), transform=_image_transform(image_size))
+        dataset = ImageFolder(str(path), transform=transform)
     except Exception as e:
         raise BadInput(str(path), f"not a usable image folder ({type(e).__name__}: {e})") from None
     x, y = _to_tensors(dataset, str(path), image_size)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-__all__ = ["metric_id", "suite_metric_ids", "worst_groups", "wilson_interval", "metric_counts"]
+__all__ = ["metric_id", "suite_metric_ids", "worst_groups", "wilson_interval", "metric_counts", "metric_intervals",
+           "mcnemar_p_value", "paired_drop_interval", "newcombe_interval", "Z95"]
+
+Z95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% interval
 
 
 def metric_id(family: str, subject: Optional[str] = None, parameter: Optional[str] = None) -> str:
@@ -66,7 +69,7 @@ def suite_metric_ids(config) -> list[str]:
     return ids
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion (95% by default)."""
     if n <= 0:
         return (0.0, 1.0)
@@ -89,6 +92,72 @@ def metric_counts(card: dict[str, Any]) -> dict[str, int]:
         if m.startswith("robust_accuracy:worst-"):
             counts[m] = n
     return counts
+
+
+def metric_intervals(card: dict[str, Any]) -> dict[str, list[float]]:
+    """A 95% Wilson interval for every fraction metric of a scorecard record that has a sample count."""
+    counts = metric_counts(card)
+    out: dict[str, list[float]] = {}
+    for m, value in card.get("metrics", {}).items():
+        n = counts.get(m)
+        if n and isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+            lo, hi = wilson_interval(round(value * n), n)
+            out[m] = [round(lo, 6), round(hi, 6)]
+    return out
+
+
+def mcnemar_p_value(n10: int, n01: int) -> float:
+    """Exact two-sided McNemar test: under "no change", each of the D = n10 + n01 discordant pairs
+    is equally likely to have gone either way, so min(n10, n01) ~ Binomial(D, 1/2); p doubles its tail.
+
+    >>> round(mcnemar_p_value(10, 2), 4)
+    0.0386
+    """
+    if n10 < 0 or n01 < 0:
+        raise ValueError("discordant counts cannot be negative")
+    d, k = n10 + n01, min(n10, n01)
+    if d == 0:
+        return 1.0
+    # P(X <= k) summed down from its largest term, in ratios, so neither 2**-d nor C(d, k) overflows
+    log_top = math.lgamma(d + 1) - math.lgamma(k + 1) - math.lgamma(d - k + 1) - d * math.log(2.0)
+    total = ratio = 1.0
+    for j in range(k, 0, -1):
+        ratio *= j / (d - j + 1)
+        total += ratio
+        if ratio < 1e-17 * total:
+            break
+    return min(1.0, 2.0 * math.exp(log_top) * total)
+
+
+def paired_drop_interval(n10: int, n01: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% interval for the paired drop (n10 - n01) / n over n samples scored by both runs.
+
+    n10 samples were right in the baseline and wrong now, n01 the reverse. Conditional on the
+    D = n10 + n01 discordant pairs, n10 ~ Binomial(D, p) and the drop is (D / n) * (2p - 1), a
+    monotone map of p; so the Wilson interval for p (the score-test inversion, as McNemar's test is
+    the test on the same binomial) maps to an interval for the drop with the same coverage given D.
+    Conditioning on D is what McNemar does too; it leaves out the sampling noise of D itself, which
+    matters little once D is more than a handful. With D = 0 nothing changed: the interval is [0, 0].
+    """
+    if n <= 0 or n10 < 0 or n01 < 0 or n10 + n01 > n:
+        raise ValueError(f"need 0 <= n10 + n01 <= n and n > 0, got n10={n10}, n01={n01}, n={n}")
+    d = n10 + n01
+    if d == 0:
+        return (0.0, 0.0)
+    lo, hi = wilson_interval(n10, d, z)
+    return (d / n * (2 * lo - 1), d / n * (2 * hi - 1))
+
+
+def newcombe_interval(s1: int, n1: int, s2: int, n2: int, z: float = Z95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (1998, method 10) for p1 - p2 of two independent proportions,
+    built from the two Wilson intervals; used when per-sample outcomes are not there to pair."""
+    if n1 <= 0 or n2 <= 0:
+        raise ValueError("both proportions need a sample count")
+    p1, p2 = s1 / n1, s2 / n2
+    l1, u1 = wilson_interval(s1, n1, z)
+    l2, u2 = wilson_interval(s2, n2, z)
+    diff = p1 - p2
+    return (diff - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), diff + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
 
 
 def curves(card: dict[str, Any]) -> dict[str, dict[str, list[tuple[float, float]]]]:

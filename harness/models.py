@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -83,8 +84,12 @@ def _resolve(path: str, base: Path) -> Path:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from safetensors or a weights-only torch file; never an arbitrary pickle."""
+    if path.is_dir():
+        raise BadInput(str(path), "is a directory, not a weights file (name the .safetensors or .pt file inside it)")
     if not path.is_file():
         raise BadInput(str(path), "weights file not found")
+    if path.stat().st_size == 0:
+        raise BadInput(str(path), "the weights file is empty (0 bytes)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -93,7 +98,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise BadInput(str(path), f"corrupt safetensors file ({type(e).__name__}: {_one_line(e)})") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols: the one error line says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # the weights-only loader names an opcode it cannot read (random bytes) or a global it will not call (code)
         if "weights only" in str(e).lower() and "unsupported operand" not in str(e).lower():
@@ -135,9 +142,7 @@ def _builtin_digits_cnn(arg: str, num_classes: Optional[int], kwargs: dict, base
 
 @MODELS.register("python")
 def _python_factory(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
-    module_name, sep, attr = arg.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise BadInput("model.source", f"expected python:MODULE:FACTORY, got python:{arg}")
+    module_name, attr = _python_parts(arg)
     for path in (str(base), str(Path.cwd())):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -171,10 +176,14 @@ def _torchvision(arg: str, num_classes: Optional[int], kwargs: dict, base: Path)
 @MODELS.register("torchscript")
 def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
     path = _resolve(arg, base)
+    if path.is_dir():
+        raise BadInput(str(path), "is a directory, not a TorchScript file")
     if not path.is_file():
         raise BadInput(str(path), "TorchScript file not found")
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice would add a line to every run's stderr
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
         raise BadInput(str(path), f"not a loadable TorchScript archive ({type(e).__name__}: {_one_line(e)})") from None
 
@@ -184,12 +193,21 @@ def model_choices() -> list[str]:
     return [forms.get(n, n) for n in MODELS.names()]
 
 
+def _python_parts(arg: str) -> tuple[str, str]:
+    module_name, sep, attr = arg.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise BadInput("model.source", f"expected python:MODULE:FACTORY (e.g. python:mypkg.nets:build), got python:{arg}")
+    return module_name, attr
+
+
 def _scheme(source: str) -> tuple[str, str]:
     if source in MODELS:
         return source, ""
     scheme, sep, arg = source.partition(":")
     if not sep or scheme not in MODELS or scheme == "builtin" or not arg:
         raise BadInput("model.source", f"unknown model source {source!r} (valid: {', '.join(model_choices())})")
+    if scheme == "python":
+        _python_parts(arg)  # the form only: nothing is imported while a config is validated
     return scheme, arg
 
 

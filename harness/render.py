@@ -38,7 +38,9 @@ def _num(v: Any, digits: int = 4) -> str:
 
 def _why(record: dict[str, Any]) -> list[str]:
     """The reasons for a verdict that is not a pass, one line each."""
-    out = [f"gate {g['metric']} {g['op']} {g['threshold']}: {g.get('reason') or g['verdict']}" for g in record["gates"] if g["verdict"] != "pass"]
+    out = [f"gate {g['metric']} {g['op']} {g['threshold']}: {g.get('reason') or g['verdict']}"
+           + (" (passed by on_inconclusive: pass)" if g["verdict"] == "inconclusive" and g.get("passed") else "")
+           for g in record["gates"] if g["verdict"] != "pass"]
     out += [f"check {c['name']}: {c['detail']}" for c in record["checks"] if c["status"] == "fail"]
     return out
 
@@ -90,19 +92,21 @@ def compact_html(record: dict[str, Any]) -> str:
 
 
 def junit_xml(record: dict[str, Any]) -> str:
-    """One testcase per gate (a failure element for a failed or inconclusive gate); failed checks in a second suite."""
+    """One testcase per gate (a failure element for a gate that did not pass: failed, or inconclusive
+    under on_inconclusive: fail); failed checks in a second suite."""
     root = ET.Element("testsuites", name=f"harness {record['name']}")
     gates = record["gates"]
     suite = ET.SubElement(root, "testsuite", name=f"gates.{record['name']}", tests=str(len(gates)),
-                          failures=str(sum(g["verdict"] != "pass" for g in gates)), errors="0", skipped="0",
+                          failures=str(sum(not g["passed"] for g in gates)), errors="0", skipped="0",
                           time=str(record["provenance"].get("duration_s", 0.0)))
     for g in gates:
         case = ET.SubElement(suite, "testcase", classname=f"harness.{record['name']}.gates",
                              name=f"{g['metric']} {g['op']} {g['threshold']}")
-        if g["verdict"] != "pass":
-            msg = f"{g['verdict']}: value {_num(g['value'])}; {g.get('reason', '')}".strip()
-            fail = ET.SubElement(case, "failure", message=msg, type=g["verdict"])
-            fail.text = msg
+        msg = f"{g['verdict']}: value {_num(g['value'])}; {g.get('reason', '')}".strip()
+        if not g["passed"]:
+            ET.SubElement(case, "failure", message=msg, type=g["verdict"]).text = msg
+        elif g["verdict"] != "pass":
+            ET.SubElement(case, "system-out").text = f"passed by on_inconclusive: pass; {msg}"
     checks = record["checks"]
     csuite = ET.SubElement(root, "testsuite", name=f"checks.{record['name']}", tests=str(len(checks)),
                            failures=str(sum(c["status"] == "fail" for c in checks)), errors="0", skipped="0")
@@ -132,7 +136,10 @@ def summary_md(record: dict[str, Any]) -> str:
     lines += ["| gate | value | 95% CI | threshold | baseline | verdict |", "| --- | ---: | --- | --- | ---: | --- |"]
     for g in record["gates"]:
         ci = "–" if not g.get("ci95") else f"[{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}]"
-        lines.append(f"| {_md(g['metric'])} | {_num(g['value'])} | {ci} | {_md(g['op'])} {g['threshold']} | {_num(g['baseline'])} | {g['verdict']} |")
+        if g.get("drop_ci95"):
+            ci += f"; drop [{g['drop_ci95'][0]:.3f}, {g['drop_ci95'][1]:.3f}]"
+        verdict = g["verdict"] + (" (allowed)" if g["verdict"] == "inconclusive" and g.get("passed") else "")
+        lines.append(f"| {_md(g['metric'])} | {_num(g['value'])} | {ci} | {_md(g['op'])} {g['threshold']} | {_num(g['baseline'])} | {verdict} |")
     if record["attacks"]:
         lines += ["", "| attack | norm | epsilon | robust accuracy | success rate | seconds |", "| --- | --- | --- | ---: | ---: | ---: |"]
         for a in record["attacks"]:

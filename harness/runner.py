@@ -20,22 +20,22 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from attacks import BUDGET_TOLERANCE
-from attacks.base import describe
+from attacks.base import access_of, describe
 
 from .config import AttackConfig, CorruptionConfig
 from .data import Data
 from .devices import replicate, shard_map
 from .errors import BadInput
-from .metrics import entry_epsilons, metric_id, worst_groups
+from . import checks as validity
+from .checks import record
+from .metrics import curves, entry_epsilons, metric_id, worst_groups
 from .models import BoundedModel, looks_like_probabilities
-from .stage import Counting, device_of, run_pairs
+from .stage import BatchLimit, Counting, device_of, halving, is_oom, run_pairs
 
 __all__ = ["AttackResult", "Evaluation", "evaluate", "check_record"]
 
 
-def check_record(name: str, status: str, detail: str) -> dict[str, str]:
-    assert status in ("pass", "warn", "fail")
-    return {"name": name, "status": status, "detail": detail}
+check_record = record  # the runner's own checks (budget, finite, memory) use the same record shape
 
 
 @dataclass
@@ -61,6 +61,11 @@ class AttackResult:
     cascade: bool = True
     params: dict[str, Any] = field(default_factory=dict)
     minimal: bool = False
+    # per stage that ran: {"attack", "access" (white-box|black-box|noise), "attacked", "broken"} with
+    # (n,) bool masks, for the gradient-masking check
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    unit: str = ""  # what finished, for --resume: "<entry index>|<attack id>|<epsilon or kind/severity>"
+    resumed: bool = False  # restored from a saved run, not recomputed
 
     @property
     def norm(self) -> Optional[str]:
@@ -91,6 +96,8 @@ class AttackResult:
                 rec.update(targeted=True, target=self.entry.target, target_hit_rate=self.target_hits / attacked if attacked else 0.0)
         if self.stages:
             rec["stages"] = self.stages
+        if self.resumed:
+            rec["resumed"] = True
         return rec
 
 
@@ -101,6 +108,15 @@ class Evaluation:
     results: list[AttackResult] = field(default_factory=list)
     checks: list[dict[str, str]] = field(default_factory=list)
     groups: dict[tuple[str, float], str] = field(default_factory=dict)  # (norm, eps) -> label
+    ids: Optional[torch.Tensor] = None  # (n,) each sample's index in its full split (a stable id)
+
+    def flags(self) -> dict[str, torch.Tensor]:
+        """Per-sample outcome of every accuracy metric: True where correct (clean) or robust."""
+        out = {"clean_accuracy": self.correct}
+        for r in self.results:
+            out[metric_id("robust_accuracy", r.subject, r.label)] = r.robust
+        out.update(self.worst_case())
+        return out
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, Any] = {"clean_accuracy": int(self.correct.sum()) / self.n}
@@ -132,21 +148,28 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
     return progress_bar(total=total, desc=desc, enabled=enabled)
 
 
-def clean_pass(replicas: Sequence[BoundedModel], data: Data, batch_size: int, num_classes: Optional[int], show: Optional[bool]):
+def clean_pass(replicas: Sequence[BoundedModel], data: Data, batch_size: int, num_classes: Optional[int], show: Optional[bool],
+               limit: Optional[BatchLimit] = None):
     """Logits for every sample; checks the model's output against the data on the way."""
     batches = list(torch.arange(len(data)).split(max(1, batch_size)))
+    limit = limit if limit is not None else BatchLimit()
 
-    def run(i: int, idx: torch.Tensor, slot: int) -> torch.Tensor:
+    def forward(idx: torch.Tensor, slot: int) -> torch.Tensor:
         model = replicas[slot]
         with torch.no_grad():
             try:
                 out = model(data.x[idx].to(device_of(model)))
             except Exception as e:
+                if is_oom(e):
+                    raise
                 raise BadInput(data.source, f"the model cannot take this data: inputs of shape {tuple(data.x.shape[1:])} fail with {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(idx):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise BadInput("model.source", f"the model must return (batch, classes) scores, returned {shape} for a batch of {len(idx)}")
         return out.float().cpu()
+
+    def run(i: int, idx: torch.Tensor, slot: int) -> torch.Tensor:
+        return torch.cat(halving(lambda rows, _: forward(rows, slot), idx, 0, limit, "the clean pass"))
 
     with _progress(len(batches), "clean", show) as bar:
         logits = torch.cat(shard_map(run, batches, len(replicas), on_done=lambda: bar.update(1)))
@@ -183,18 +206,42 @@ def _targets(cfg: AttackConfig, logits: torch.Tensor, y: torch.Tensor, seed: int
     return (y + torch.randint(1, classes, y.shape, generator=g)) % classes  # uniform over the other classes
 
 
+def _unit(index: int, *keys: Any) -> str:
+    return "|".join(str(k) for k in (index, *keys))
+
+
 class _Suite:
-    """State of one evaluation: replicas, counters and, per (norm, eps), the points still robust."""
+    """State of one evaluation: replicas, counters and, per (norm, eps), the points still robust.
+
+    Each finished unit (an attack at one epsilon; a minimal attack; a corruption at one severity)
+    goes to `emit` at once, so it can be saved; a unit found in `done` (a saved run being resumed)
+    is restored instead of recomputed, cascade state included.
+    """
 
     def __init__(self, replicas, data: Data, correct: torch.Tensor, logits: torch.Tensor, batch_size: int, seed: int,
-                 cascade: bool, show: Optional[bool]) -> None:
+                 cascade: bool, show: Optional[bool], emit: Callable[[list[AttackResult]], None],
+                 done: Optional[dict[str, list[AttackResult]]] = None, limit: Optional[BatchLimit] = None) -> None:
         self.replicas, self.data, self.correct, self.logits = replicas, data, correct, logits
         self.counters = [Counting(m) for m in replicas]
         self.batch_size, self.seed, self.cascade, self.show = batch_size, seed, cascade, show
         self.alive: dict[tuple[str, float], torch.Tensor] = {}
+        self.emit, self.done = emit, done or {}
+        self.limit = limit if limit is not None else BatchLimit()
 
     def alive_at(self, norm: str, eps: float) -> torch.Tensor:
         return self.alive.setdefault((norm, eps), self.correct.clone())
+
+    def restored(self, unit: str) -> Optional[list[AttackResult]]:
+        """The saved results of a finished unit, with the cascade state they leave behind."""
+        saved = self.done.get(unit)
+        if saved is None:
+            return None
+        for r in saved:
+            r.resumed = True
+            if r.cascade and r.norm is not None and r.value is not None and math.isfinite(r.value):
+                self.alive[(r.norm, r.value)] = r.robust.clone()
+        self.emit(saved)
+        return saved
 
     def attack_points(self, attack, norm: str, eps: float, points: torch.Tensor, keys: tuple, target) -> tuple:
         """Runs `attack` on `points` (bool mask) at one epsilon; returns (broken mask, distances, PairResult)."""
@@ -203,7 +250,7 @@ class _Suite:
         eps_t = torch.full((sample.numel(),), eps)
         with _progress(math.ceil(sample.numel() / self.batch_size), "/".join(map(str, keys[1:])) or "attack", self.show) as bar:
             res = run_pairs(attack, self.replicas, self.counters, self.data.x, self.data.y, sample, eps_t, norm, self.batch_size,
-                            lambda i: _seed(self.seed, *keys[0:1], i), target, on_batch=lambda: bar.update(1))
+                            lambda i: _seed(self.seed, *keys[0:1], i), target, on_batch=lambda: bar.update(1), limit=self.limit)
         broken = torch.zeros(n, dtype=torch.bool)
         dist = torch.full((n,), float("nan"))
         broken[sample], dist[sample] = res.broken, res.distance
@@ -215,12 +262,17 @@ class _Suite:
         stages = attack.stages(cfg.norm) if hasattr(attack, "stages") else [(cfg.name, attack)]
         out = []
         for j, eps in enumerate(eps_list):
+            unit = _unit(index, cfg.attack_id, eps.label)
+            saved = self.restored(unit)
+            if saved is not None:
+                out += saved
+                continue
             alive = self.alive_at(cfg.norm, eps.value) if self.cascade else self.correct.clone()
             attacked = alive.clone()
             broken_all = torch.zeros_like(alive)
             dist = torch.full((len(self.data),), float("nan"))
             total, stage_recs = AttackResult(cfg, cfg.attack_id, eps.label, eps.value, alive, attacked, broken_all, dist,
-                                             cascade=self.cascade, params=_params(attack, cfg)), []
+                                             cascade=self.cascade, params=_params(attack, cfg), unit=unit), []
             for s, (stage_name, stage_attack) in enumerate(stages):
                 points = alive & ~broken_all
                 broken, d, res = self.attack_points(stage_attack, cfg.norm, eps.value, points, (_seed(index, s, j), cfg.attack_id, eps.label), target)
@@ -232,6 +284,7 @@ class _Suite:
                 total.queries += res.queries
                 total.gradients += res.gradients
                 total.target_hits += int(res.target_hit.sum())
+                total.parts.append({"attack": stage_name, "access": access_of(stage_attack), "attacked": points, "broken": broken})
                 stage_recs.append({"attack": stage_name, "n_attacked": int(points.sum()), "n_broken": int(broken.sum()),
                                    "robust_accuracy": int((alive & ~broken_all).sum()) / len(self.data), "seconds": round(res.seconds, 4)})
             total.robust = alive & ~broken_all
@@ -241,15 +294,22 @@ class _Suite:
             if self.cascade:
                 self.alive[(cfg.norm, eps.value)] = total.robust
             out.append(total)
+            self.emit([total])
         return out
 
     def minimal(self, cfg: AttackConfig, eps_list, index: int) -> list[AttackResult]:
         """One unbounded run on every correct point; the distances imply robustness at each epsilon."""
+        unit = _unit(index, cfg.attack_id)
+        saved = self.restored(unit)
+        if saved is not None:
+            return saved
         attack = cfg.build()
         target = _targets(cfg, self.logits, self.data.y, self.seed, index)
         broken, dist, res = self.attack_points(attack, cfg.norm, math.inf, self.correct, (_seed(index, 0, 0), cfg.attack_id), target)
         sizes = torch.where(broken, dist, torch.inf)[self.correct]
         median = float(sizes.median()) if sizes.numel() else 0.0  # inf (stored as null) when most points resist
+        common = dict(seconds=res.seconds, violations=res.violations, nonfinite=res.nonfinite, queries=res.queries, gradients=res.gradients,
+                      target_hits=int(res.target_hit.sum()), median_perturbation=median, params=_params(attack, cfg), minimal=True, unit=unit)
         out = []
         for eps in eps_list or []:
             within = broken & (dist <= eps.value + BUDGET_TOLERANCE)
@@ -257,14 +317,13 @@ class _Suite:
             robust = before & ~within
             if self.cascade:
                 self.alive[(cfg.norm, eps.value)] = robust
+            part = {"attack": cfg.name, "access": access_of(attack), "attacked": before.clone(), "broken": within & before}
             out.append(AttackResult(cfg, cfg.attack_id, eps.label, eps.value, robust, self.correct.clone(), within, dist,
-                                    seconds=res.seconds, violations=res.violations, nonfinite=res.nonfinite, queries=res.queries,
-                                    gradients=res.gradients, target_hits=int(res.target_hit.sum()), median_perturbation=median,
-                                    cascade=self.cascade, params=_params(attack, cfg), minimal=True))
+                                    cascade=self.cascade, parts=[part], **common))
         if not out:  # no epsilon to judge at: still report the distances
             out.append(AttackResult(cfg, cfg.attack_id, "inf", math.inf, self.correct & ~broken, self.correct.clone(), broken, dist,
-                                    seconds=res.seconds, queries=res.queries, gradients=res.gradients, median_perturbation=median,
-                                    cascade=False, params=_params(attack, cfg), minimal=True))
+                                    cascade=False, **{**common, "violations": 0, "nonfinite": 0, "target_hits": 0}))
+        self.emit(out)
         return out
 
     def corruptions(self, cfg: CorruptionConfig, index: int) -> list[AttackResult]:
@@ -273,13 +332,70 @@ class _Suite:
         out = []
         for k, kind in enumerate(cfg.kinds):
             for sev in cfg.severities:
+                unit = _unit(index, kind, sev)
+                saved = self.restored(unit)
+                if saved is not None:
+                    out += saved
+                    continue
+
                 def apply(model, x, y, threat, *, generator=None, kind=kind, sev=sev):
                     return corrupt(kind, x, sev, generator)
 
                 broken, dist, res = self.attack_points(apply, "linf", math.inf, self.correct, (_seed(index, k, sev), kind, str(sev)), None)
                 out.append(AttackResult(cfg, kind, str(sev), None, self.correct & ~broken, self.correct.clone(), broken, dist,
-                                        seconds=res.seconds, nonfinite=res.nonfinite, cascade=False))
+                                        seconds=res.seconds, nonfinite=res.nonfinite, cascade=False, unit=unit))
+                self.emit(out[-1:])
         return out
+
+
+_CHECK_POINTS = 512  # the validity checks sample at most 64 of these, spread over the data
+
+
+def _strongest(attacks: Sequence[Any]) -> Optional[tuple[Any, Any, Any]]:
+    """(config entry, attack, largest epsilon) of the white-box attack (or ensemble stage) with the most
+    steps, for the more-steps and epsilon-zero checks; None when the suite has no such attack."""
+    best, most = None, -1
+    for cfg in attacks:
+        if not isinstance(cfg, AttackConfig) or cfg.minimal or not cfg.epsilons:
+            continue
+        attack = cfg.build()
+        for _, stage in attack.stages(cfg.norm) if hasattr(attack, "stages") else [(cfg.name, attack)]:
+            steps = getattr(stage, "steps", None)
+            if access_of(stage) == "white-box" and isinstance(steps, int) and steps >= most:
+                best, most = (cfg, stage, max(cfg.epsilons, key=lambda e: e.value)), steps
+    return best
+
+
+def validity_checks(model: BoundedModel, data: Data, ev: Evaluation, attacks: Sequence[Any], seed: int,
+                    limit: Optional[BatchLimit] = None) -> list[dict[str, str]]:
+    """The checks that say whether this evaluation can be trusted (see harness.checks), on one device.
+    Their samples stay within the batch size known to fit in device memory."""
+    from attacks import ThreatModel
+
+    sample = min(64, limit.size) if limit is not None and limit.size else 64
+    dev = device_of(model)
+    gen = lambda k: torch.Generator(device=dev).manual_seed(_seed(seed, 0xC4EC, k))
+    pick = torch.linspace(0, len(data) - 1, min(len(data), _CHECK_POINTS)).round().long().unique()
+    x, y = data.x[pick].to(dev), data.y[pick].to(dev)
+    out = [validity.randomness(model, x, sample=sample), validity.gradients(model, x, y, sample=sample)]
+    bounded = [r for r in ev.results if r.norm is not None and r.parts]
+    if bounded:
+        out.append(validity.large_epsilon(model, x, y, generator=gen(1), sample=sample))
+        strongest = _strongest(attacks)
+        if strongest is not None:
+            cfg, attack, eps = strongest
+            key = metric_id("robust_accuracy", f"worst-{cfg.norm}", ev.groups.get((cfg.norm, eps.value), eps.label))
+            alive = ev.worst_case().get(key, ev.correct)
+            idx = torch.nonzero(alive).flatten()
+            out.append(validity.more_steps(model, attack, data.x[idx].to(dev), data.y[idx].to(dev), ThreatModel(cfg.norm, eps.value),
+                                           generator=gen(2), sample=sample))
+            out.append(validity.zero_epsilon(model, attack, x, y, generator=gen(3), norm=cfg.norm, sample=sample))
+    parts = [{"attack": p["attack"], "kind": p["access"], "norm": r.norm, "epsilon": r.label, "attacked": p["attacked"], "broken": p["broken"]}
+             for r in bounded for p in r.parts]
+    out.append(validity.masking(parts, ev.n))
+    record_like = {"attacks": [r.record() for r in ev.results], "metrics": ev.metrics()}
+    out.append(validity.monotone(curves(record_like), ev.n))
+    return out
 
 
 @contextlib.contextmanager
@@ -296,33 +412,36 @@ def strict_fp32():
 def evaluate(model: BoundedModel, data: Data, attacks: Sequence[Any], devices: Sequence[torch.device],
              batch_size: int = 256, seed: int = 0, num_classes: Optional[int] = None,
              on_result: Optional[Callable[[Evaluation], None]] = None, show_progress: Optional[bool] = None,
-             cascade: bool = True) -> Evaluation:
-    """Runs the suite; `on_result` sees the evaluation after each attack entry (to save it as it goes)."""
+             cascade: bool = True, done: Optional[dict[str, list[AttackResult]]] = None) -> Evaluation:
+    """Runs the suite; `on_result` sees the evaluation after each finished unit (an attack at one
+    epsilon), to save it as it goes; units in `done` (from a saved run) are restored, not rerun."""
+    limit = BatchLimit()
     with strict_fp32():
         replicas = replicate(model, devices)
-        logits = clean_pass(replicas, data, batch_size, num_classes, show_progress)
-        checks = []
+        logits = clean_pass(replicas, data, batch_size, num_classes, show_progress, limit)
+        checks = [validity.output_logits(logits)]
         if looks_like_probabilities(logits):
             for m in replicas:
                 m.outputs_probabilities = True
-            checks.append(check_record("output-logits", "warn", "the model outputs probabilities (rows sum to 1); the harness "
-                                       "uses their logarithm as logits, but gradients may still vanish where the softmax saturates"))
-        else:
-            checks.append(check_record("output-logits", "pass", "the model outputs logits"))
         finite = bool(torch.isfinite(logits).all())
         correct = (logits.argmax(dim=1) == data.y) & torch.isfinite(logits).all(dim=1)
         per_entry = entry_epsilons(attacks)
-        ev = Evaluation(n=len(data), correct=correct, checks=checks, groups=worst_groups(attacks, per_entry))
-        suite = _Suite(replicas, data, correct, logits, batch_size, seed, cascade, show_progress)
-        for i, (cfg, eps_list) in enumerate(zip(attacks, per_entry)):
-            if isinstance(cfg, CorruptionConfig):
-                ev.results.extend(suite.corruptions(cfg, i))
-            elif cfg.minimal:
-                ev.results.extend(suite.minimal(cfg, eps_list, i))
-            else:
-                ev.results.extend(suite.bounded(cfg, eps_list, i))
+        ev = Evaluation(n=len(data), correct=correct, checks=checks, groups=worst_groups(attacks, per_entry), ids=data.ids)
+
+        def emit(results: list[AttackResult]) -> None:
+            ev.results.extend(results)
             if on_result is not None:
                 on_result(ev)
+
+        suite = _Suite(replicas, data, correct, logits, batch_size, seed, cascade, show_progress, emit, done, limit)
+        for i, (cfg, eps_list) in enumerate(zip(attacks, per_entry)):
+            if isinstance(cfg, CorruptionConfig):
+                suite.corruptions(cfg, i)
+            elif cfg.minimal:
+                suite.minimal(cfg, eps_list, i)
+            else:
+                suite.bounded(cfg, eps_list, i)
+        checks += validity_checks(replicas[0], data, ev, attacks, seed, limit)
     violations = sum(r.violations for r in ev.results)
     nonfinite = sum(r.nonfinite for r in ev.results) + (0 if finite else 1)
     checks.append(check_record(
@@ -332,4 +451,7 @@ def evaluate(model: BoundedModel, data: Data, attacks: Sequence[Any], devices: S
     checks.append(check_record(
         "finite", "fail" if nonfinite else "pass",
         "NaN or infinite values in model outputs or adversarial examples" if nonfinite else "no NaN or infinite values in outputs or adversarial examples"))
+    if limit.retries:
+        checks.append(check_record("memory", "warn", f"out of device memory {limit.retries} time(s): batches were halved down to "
+                                   f"{limit.size} sample(s) and retried (the results are whole; random draws differ from a full-batch run)"))
     return ev

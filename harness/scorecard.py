@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from .errors import BadInput
-from .files import write_text_atomic
+from .files import atomic_path, sha256_bytes, write_text_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .outcomes import Outcomes
 
 __all__ = ["Scorecard", "SCHEMA_VERSION", "OUTPUT_FILES"]
 
 SCHEMA_VERSION = 1
-OUTPUT_FILES = ("scorecard.json", "report.html", "junit.xml", "summary.md")
+OUTCOMES_FILE = "outcomes.json"  # as harness.outcomes names it; repeated so loading this module stays free of numpy
+OUTPUT_FILES = ("scorecard.json", "report.html", "junit.xml", "summary.md", OUTCOMES_FILE)
 REQUIRED_KEYS = ("schema_version", "name", "passed", "verdict", "metrics", "gates", "attacks", "probes", "defenses", "checks", "provenance")
 
 
@@ -28,14 +32,36 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-class Scorecard:
-    """A run's result. Displays itself in Jupyter; `save(dir)` writes every output of a run."""
+def _write_bytes_atomic(path: Path, data: bytes) -> str:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return sha256_bytes(data)
 
-    def __init__(self, record: dict[str, Any]) -> None:
+
+def _same_samples(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records' sample ids name the same samples: ids index a split, so the data source
+    and split must match; data given as Python objects has no stable name, so its hash must match."""
+    pa, pb = a.get("provenance", {}), b.get("provenance", {})
+    if (pa.get("data_source"), pa.get("split")) != (pb.get("data_source"), pb.get("split")):
+        return False
+    if str(pa.get("data_source", "")).startswith("python:"):
+        return pa.get("dataset_sha256") == pb.get("dataset_sha256")
+    return True
+
+
+class Scorecard:
+    """A run's result. Displays itself in Jupyter; `save(dir)` writes every output of a run.
+
+    `outcomes` (harness.outcomes.Outcomes), when given, are the per-sample results behind the
+    metrics; they are saved as outcomes.json and make max_drop gates a paired test.
+    """
+
+    def __init__(self, record: dict[str, Any], outcomes: Optional["Outcomes"] = None) -> None:
         missing = [k for k in REQUIRED_KEYS if k not in record]
         if missing:
             raise ValueError(f"a scorecard record needs the keys {', '.join(missing)}")
         self.record = record
+        self.outcomes = outcomes
 
     name = property(lambda self: self.record["name"])
     passed = property(lambda self: bool(self.record["passed"]))
@@ -57,15 +83,24 @@ class Scorecard:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
 
     def save(self, directory: Union[str, Path]) -> Path:
-        """Writes scorecard.json, report.html, junit.xml and summary.md, each atomically."""
+        """Writes report.html, junit.xml, summary.md, outcomes.json (when there are outcomes) and
+        scorecard.json, each atomically; scorecard.json last, naming the others' sha256 in
+        provenance.outputs so they can be verified."""
         from . import render
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        record = self.to_dict()
-        write_text_atomic(out / "report.html", render.report_html(record))
-        write_text_atomic(out / "junit.xml", render.junit_xml(record))
-        write_text_atomic(out / "summary.md", render.summary_md(record))
+        clean = self.to_dict()
+        prov = {k: v for k, v in clean["provenance"].items() if k != "outputs"}
+        record = {**clean, "provenance": prov}  # renderings never show a previous save's hashes
+        texts = {"report.html": render.report_html(record), "junit.xml": render.junit_xml(record), "summary.md": render.summary_md(record)}
+        if self.outcomes is not None:
+            texts[OUTCOMES_FILE] = self.outcomes.to_json()
+        else:  # a stale file from another run must not be paired with this card
+            (out / OUTCOMES_FILE).unlink(missing_ok=True)
+        outputs = {name: _write_bytes_atomic(out / name, text.encode("utf-8")) for name, text in texts.items()}
+        own = {k: v for k, v in self.record["provenance"].items() if k != "outputs"}
+        self.record = {**self.record, "provenance": {**own, "outputs": outputs}}
         write_text_atomic(out / "scorecard.json", self.to_json())  # last: its presence means the run is whole
         partial = out / "scorecard.partial.json"
         if partial.exists():
@@ -88,19 +123,34 @@ class Scorecard:
         if record.get("schema_version") != SCHEMA_VERSION:
             raise BadInput(str(p), f"unsupported scorecard schema_version {record.get('schema_version')!r} (valid: {SCHEMA_VERSION})")
         try:
-            return cls(record)
+            card = cls(record)
         except ValueError as e:
             raise BadInput(str(p), str(e)) from None
+        card.outcomes = _load_outcomes(p.parent / OUTCOMES_FILE, record)
+        return card
 
-    def rejudge(self, gates: Optional[Sequence] = None, baseline: Optional["Scorecard"] = None) -> "Scorecard":
-        """The same results judged again, with other gates and/or against a baseline; no re-run."""
+    def rejudge(self, gates: Optional[Sequence] = None, baseline: Optional["Scorecard"] = None,
+                on_inconclusive: Optional[str] = None) -> "Scorecard":
+        """The same results judged again, with other gates and/or against a baseline; no re-run.
+
+        max_drop gates are paired over per-sample outcomes when both cards carry them for the same
+        data. `on_inconclusive` overrides the policy the card was judged with (record["on_inconclusive"]).
+        """
         from .gates import gates_from_records, judge_gates, overall_verdict
         from .metrics import metric_counts
 
+        policy = on_inconclusive or self.record.get("on_inconclusive") or "fail"
         gate_cfgs = list(gates) if gates is not None else gates_from_records(self.gates)
-        judged = judge_gates(gate_cfgs, self.metrics, metric_counts(self.record), None if baseline is None else baseline.metrics)
+        paired = (baseline is not None and self.outcomes is not None and baseline.outcomes is not None
+                  and _same_samples(self.record, baseline.record))
+        judged = judge_gates(gate_cfgs, self.metrics, metric_counts(self.record), None if baseline is None else baseline.metrics,
+                             outcomes=self.outcomes if paired else None, baseline_outcomes=baseline.outcomes if paired else None,
+                             baseline_counts=None if baseline is None else metric_counts(baseline.record), on_inconclusive=policy)
         passed, verdict = overall_verdict(judged, self.checks)
-        return Scorecard({**self.record, "gates": judged, "passed": passed, "verdict": verdict})
+        record = {**self.record, "gates": judged, "passed": passed, "verdict": verdict}
+        if on_inconclusive is not None:
+            record["on_inconclusive"] = on_inconclusive
+        return Scorecard(record, self.outcomes)
 
     def _repr_html_(self) -> str:
         from .render import compact_html
@@ -109,3 +159,27 @@ class Scorecard:
 
     def __repr__(self) -> str:
         return f"<Scorecard {self.name!r} {self.verdict}: {len(self.gates)} gate(s), {len(self.attacks)} attack result(s)>"
+
+
+def _load_outcomes(path: Path, record: dict[str, Any]) -> Optional["Outcomes"]:
+    """outcomes.json beside a scorecard, if it belongs to it: a file the scorecard's provenance.outputs
+    leaves out is another run's and is ignored; one whose sha256 differs from the listed one is an error."""
+    if not path.is_file():
+        return None
+    from .outcomes import Outcomes
+
+    prov = record["provenance"] if isinstance(record.get("provenance"), dict) else {}
+    listed = prov.get("outputs")
+    if isinstance(listed, dict) and OUTCOMES_FILE not in listed:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInput(str(path), f"cannot read the per-sample outcomes ({e.strerror})") from None
+    if isinstance(listed, dict) and listed[OUTCOMES_FILE] != sha256_bytes(data):
+        raise BadInput(str(path), "does not match the sha256 its scorecard.json records: the file was altered or belongs to another run")
+    outcomes = Outcomes.from_json(data, str(path))
+    samples = prov.get("samples")
+    if isinstance(samples, int) and outcomes.n != samples:
+        raise BadInput(str(path), f"holds {outcomes.n} samples but its scorecard was run on {samples}")
+    return outcomes

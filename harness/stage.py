@@ -4,6 +4,9 @@ Every returned example is clipped to the input bounds, checked against its own b
 outside it is replaced by the clean input: it is not an adversarial example) and re-scored by the
 harness's own forward pass. The model the attack sees counts its queries (rows through forward)
 and gradient evaluations; the re-scoring pass is not counted.
+
+Out of device memory, a batch is split in two and each half retried, down to one sample; the
+smaller size then holds for the rest of the run (`BatchLimit`), so later batches do not fail first.
 """
 
 from __future__ import annotations
@@ -18,8 +21,53 @@ import torch
 from attacks import BOUNDS, BUDGET_TOLERANCE, ThreatModel
 
 from .devices import shard_map
+from .errors import RunFailed
 
-__all__ = ["Counting", "PairResult", "run_pairs", "device_of"]
+__all__ = ["Counting", "PairResult", "run_pairs", "device_of", "is_oom", "BatchLimit", "halving"]
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA (or any torch device) out of memory."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+class BatchLimit:
+    """The largest batch known to fit, shared by the batches of a run; None until memory ran out."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.size: Optional[int] = None
+        self.retries = 0
+
+    def lower(self, failed: int) -> None:
+        with self._lock:
+            self.retries += 1
+            half = max(1, failed // 2)
+            self.size = half if self.size is None else min(self.size, half)
+
+
+def halving(fn: Callable[[torch.Tensor, int], tuple], rows: torch.Tensor, seed: int, limit: BatchLimit, what: str) -> list[tuple]:
+    """fn(rows, seed) on `rows`, split into pieces of at most `limit.size`; a piece that runs out of
+    memory is halved and retried (the halves get seeds derived from the piece's). Returns fn's
+    results in row order. At one row and still out of memory: RunFailed."""
+    size = limit.size
+    if size is not None and rows.numel() > size:
+        return [r for k, part in enumerate(rows.split(size)) for r in halving(fn, part, _child(seed, k), limit, what)]
+    try:
+        return [fn(rows, seed)]
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        if rows.numel() <= 1:
+            raise RunFailed(f"out of device memory on {what} even with a batch of one sample") from e
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        limit.lower(int(rows.numel()))
+        return halving(fn, rows, seed, limit, what)
+
+
+def _child(seed: int, k: int) -> int:
+    return (seed * 1_000_003 + 7919 * (k + 1)) % (2**61 - 1)
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
@@ -77,12 +125,21 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def run_pairs(attack, replicas: Sequence[torch.nn.Module], counters: Sequence[Counting], x_all: torch.Tensor,
               y_all: torch.Tensor, sample: torch.Tensor, eps: torch.Tensor, norm: str, batch_size: int,
               seed_of: Callable[[int], int], target_all: Optional[torch.Tensor] = None,
-              on_batch: Optional[Callable[[], None]] = None) -> PairResult:
+              on_batch: Optional[Callable[[], None]] = None, limit: Optional[BatchLimit] = None) -> PairResult:
     """Attacks pairs (sample[i], eps[i]) in batches sharded over the replicas; eps may be inf (minimal attacks)."""
     m = int(sample.numel())
     batches = list(torch.arange(m).split(max(1, batch_size))) if m else []  # split() of nothing gives one empty batch
 
+    limit = limit if limit is not None else BatchLimit()
+
     def run(i: int, rows: torch.Tensor, slot: int):
+        parts = halving(lambda r, seed: attack_rows(r, seed, slot), rows, seed_of(i), limit, "an attack batch")
+        if len(parts) == 1:
+            return parts[0]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]),
+                sum(p[3] for p in parts), sum(p[4] for p in parts))
+
+    def attack_rows(rows: torch.Tensor, seed: int, slot: int):
         model = replicas[slot]
         device = device_of(model)
         idx = sample[rows]
@@ -90,7 +147,7 @@ def run_pairs(attack, replicas: Sequence[torch.nn.Module], counters: Sequence[Co
         e = eps[rows].to(device=device, dtype=x.dtype)
         threat = ThreatModel(norm, e)
         extra = {} if target_all is None else {"target": target_all[idx].to(device)}
-        gen = torch.Generator(device=device).manual_seed(seed_of(i))
+        gen = torch.Generator(device=device).manual_seed(seed)
         adv = attack(counters[slot], x, y, threat, generator=gen, **extra).detach()
         with torch.no_grad():
             adv = adv.to(x.dtype).clamp(*BOUNDS)  # the runner owns the bounds, whatever the attack returned

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from harness.cli import cli as group
 
 SPEC_KEYS = {"schema_version", "name", "passed", "verdict", "metrics", "gates", "attacks", "probes", "defenses", "checks", "provenance"}
+ADDED_KEYS = {"on_inconclusive", "intervals"}  # issue 4: the policy for inconclusive gates, a 95% CI per accuracy
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def test_default_run_passes_honestly(default_run):
     result, out = default_run
     assert result.exit_code == 0, result.output
     card = json.loads((out / "scorecard.json").read_text())
-    assert set(card) == SPEC_KEYS
+    assert set(card) == SPEC_KEYS | ADDED_KEYS
+    assert all(lo <= m <= hi for key, (lo, hi) in card["intervals"].items() for m in [card["metrics"][key]])
     assert card["schema_version"] == 1 and card["passed"] is True and card["verdict"] == "pass"
     m = card["metrics"]
     assert m["clean_accuracy"] >= 0.95  # the builtin model on its held-out split (measured 0.9822)
@@ -39,7 +41,7 @@ def test_default_run_passes_honestly(default_run):
 
 def test_default_run_outputs(default_run):
     _, out = default_run
-    assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "report.html", "scorecard.json", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "outcomes.json", "report.html", "scorecard.json", "summary.md"]
     card = json.loads((out / "scorecard.json").read_text())
     gate = card["gates"][0]
     assert set(gate) >= {"metric", "op", "threshold", "value", "ci95", "passed", "verdict", "baseline"}

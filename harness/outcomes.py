@@ -1,0 +1,158 @@
+"""Per-sample outcomes, stored compactly beside a scorecard (outcomes.json).
+
+For each fraction metric whose samples are the whole run (clean accuracy, robust accuracy per attack
+and epsilon, the worst case per norm and epsilon), one bit per sample: True when the sample counted
+as correct or robust. Samples are keyed by a stable id (their index in the full split), so two runs
+can be paired sample by sample: a paired test (McNemar) says whether a drop is real, and the ids
+that flipped say where.
+
+    {"schema_version": 1, "n": N, "ids": <base64 of little-endian int64>,
+     "flags": {"<metric id>": <base64 of numpy.packbits(flags)>, ...}}
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import BadInput
+
+__all__ = ["Outcomes", "OUTCOMES_FILE", "OUTCOMES_SCHEMA_VERSION"]
+
+OUTCOMES_FILE = "outcomes.json"
+OUTCOMES_SCHEMA_VERSION = 1
+
+
+class Outcomes:
+    """Sample ids (int64, unique) and, per metric id, a bool per sample aligned with them."""
+
+    def __init__(self, ids: Any, flags: Mapping[str, Any]) -> None:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+            raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} of {ids.dtype}")
+        ids = ids.astype(np.int64)
+        problem = _ids_problem(ids)
+        if problem:
+            raise ValueError(problem)
+        checked: dict[str, np.ndarray] = {}
+        for metric, f in flags.items():
+            f = np.asarray(f)
+            if f.dtype != np.bool_ or f.shape != ids.shape:
+                raise ValueError(f"flags[{metric!r}] must be a bool array of shape {ids.shape}, got {f.dtype} {f.shape}")
+            checked[str(metric)] = f.copy()
+        self.ids = ids
+        self.flags = checked
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __contains__(self, metric: object) -> bool:
+        return metric in self.flags
+
+    def __repr__(self) -> str:
+        return f"<Outcomes {self.n} sample(s), {len(self.flags)} metric(s)>"
+
+    @classmethod
+    def from_evaluation(cls, ev: Any, ids: Any) -> "Outcomes":
+        """From a runner Evaluation and the data's ids (harness.data.Data.ids): clean accuracy,
+        robust accuracy per attack entry and epsilon (or corruption and severity), and the worst case."""
+        from .metrics import metric_id
+
+        def arr(t: Any) -> np.ndarray:
+            return np.asarray(t.cpu().numpy() if hasattr(t, "cpu") else t, dtype=bool)
+
+        flags = {"clean_accuracy": arr(ev.correct)}
+        for r in ev.results:
+            flags[metric_id("robust_accuracy", r.subject, r.label)] = arr(r.robust)
+        for key, robust in ev.worst_case().items():
+            flags[key] = arr(robust)
+        raw_ids = ids.cpu().numpy() if hasattr(ids, "cpu") else ids
+        return cls(np.asarray(raw_ids), flags)
+
+    def to_json(self) -> str:
+        flags = {m: _b64(np.packbits(f)) for m, f in self.flags.items()}
+        body = {"schema_version": OUTCOMES_SCHEMA_VERSION, "n": self.n, "ids": _b64(self.ids.astype("<i8")), "flags": flags}
+        return json.dumps(body, separators=(",", ":")) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> "Outcomes":
+        """Parses outcomes.json; anything malformed is a BadInput naming `where` and the problem."""
+        try:
+            body = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadInput(where, f"not readable outcomes JSON ({type(e).__name__}: {e})") from None
+        if not isinstance(body, dict):
+            raise BadInput(where, "not per-sample outcomes: the JSON is not an object")
+        missing = [k for k in ("schema_version", "n", "ids", "flags") if k not in body]
+        if missing:
+            raise BadInput(where, f"per-sample outcomes need the keys {', '.join(missing)}")
+        if body["schema_version"] != OUTCOMES_SCHEMA_VERSION:
+            raise BadInput(where, f"unsupported outcomes schema_version {body['schema_version']!r} (valid: {OUTCOMES_SCHEMA_VERSION})")
+        n = body["n"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise BadInput(where, f"n must be a non-negative integer, got {n!r}")
+        raw = _unb64(body["ids"], where, "ids")
+        if len(raw) != 8 * n:
+            raise BadInput(where, f"ids: {len(raw)} bytes, expected {8 * n} (8 per sample for n={n})")
+        ids = np.frombuffer(raw, dtype="<i8").astype(np.int64)
+        problem = _ids_problem(ids)
+        if problem:
+            raise BadInput(where, f"ids: {problem}")
+        if not isinstance(body["flags"], dict):
+            raise BadInput(where, "flags must be an object of metric id -> packed bits")
+        flags = {}
+        for metric, packed in body["flags"].items():
+            raw = _unb64(packed, where, f"flags[{metric!r}]")
+            if len(raw) != (n + 7) // 8:
+                raise BadInput(where, f"flags[{metric!r}]: {len(raw)} bytes, expected {(n + 7) // 8} for n={n}")
+            bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))
+            if bits[n:].any():
+                raise BadInput(where, f"flags[{metric!r}]: padding bits after sample {n} are set (a truncated or altered file)")
+            flags[metric] = bits[:n].astype(bool)
+        return cls(ids, flags)
+
+    def _aligned(self, baseline: "Outcomes", metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(common ids, baseline flags, this run's flags) over the ids both share, sorted by id."""
+        for side, o in (("this run", self), ("the baseline", baseline)):
+            if metric not in o.flags:
+                raise KeyError(f"{side} has no per-sample outcomes for {metric!r}")
+        common, here, there = np.intersect1d(self.ids, baseline.ids, assume_unique=True, return_indices=True)
+        return common, baseline.flags[metric][there], self.flags[metric][here]
+
+    def pairs(self, baseline: "Outcomes", metric: str) -> tuple[int, int, int, int]:
+        """(n11, n10, n01, n00) over the shared ids; the first index is the baseline's outcome, the
+        second this run's (n10: right in the baseline, wrong now)."""
+        _, before, now = self._aligned(baseline, metric)
+        return (int(np.sum(before & now)), int(np.sum(before & ~now)), int(np.sum(~before & now)), int(np.sum(~before & ~now)))
+
+    def flipped(self, baseline: "Outcomes", metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids that got worse, ids that got better) against the baseline, each sorted."""
+        common, before, now = self._aligned(baseline, metric)
+        return common[before & ~now], common[~before & now]
+
+
+def _ids_problem(ids: np.ndarray) -> str:
+    if ids.size and int(ids.min()) < 0:
+        return f"sample ids are indices into a split and cannot be negative, found {int(ids.min())}"
+    uniq, counts = np.unique(ids, return_counts=True)
+    if uniq.size != ids.size:
+        return f"sample id {int(uniq[counts > 1][0])} appears {int(counts[counts > 1][0])} times (ids must be unique)"
+    return ""
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(a.tobytes()).decode("ascii")
+
+
+def _unb64(value: Any, where: str, key: str) -> bytes:
+    if not isinstance(value, str):
+        raise BadInput(where, f"{key} must be a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadInput(where, f"{key}: not valid base64 ({e})") from None

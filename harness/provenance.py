@@ -1,0 +1,215 @@
+"""Provenance: sha256 of what a run read (weights, data, config) and wrote, and checking them again.
+
+An artifact is a plain record, ``{"role", "path", "kind": "file"|"tree", "sha256"}``. A tree's hash
+covers every entry under it, so a renamed, added or removed image changes it too. Standard library
+only: the CLI imports this module at startup, and `harness verify` never needs torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Optional, Union
+
+from .errors import BadInput
+from .files import sha256_file
+
+__all__ = ["file_sha256", "tree_sha256", "artifact", "data_artifact", "model_artifacts", "config_artifact",
+           "package_versions", "verify", "VerifyRow"]
+
+VerifyRow = dict[str, Optional[str]]
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Distribution names probed by package_versions, keyed as they appear in the scorecard.
+_CORE = {"harness": "harness", "torch": "torch", "torchvision": "torchvision", "numpy": "numpy"}
+_OPTIONAL = {"foolbox": "foolbox", "art": "adversarial-robustness-toolbox"}
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 of a file's bytes, streamed in 1 MiB chunks."""
+    return sha256_file(Path(path))
+
+
+def _tree_entries(root: Path) -> Iterable[tuple[str, str, str]]:
+    """(relative posix path, kind, digest) for every directory, file and symlink under root."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        for name in dirnames + filenames:
+            p = here / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():  # its target as written: never followed, so a tree cannot reach outside itself
+                yield rel, "link", hashlib.sha256(os.fsencode(os.readlink(p))).hexdigest()
+            elif p.is_dir():
+                yield rel, "dir", ""  # kept: an empty class folder still changes ImageFolder's labels
+            elif p.is_file():
+                yield rel, "file", file_sha256(p)
+
+
+def tree_sha256(directory: PathLike) -> str:
+    """A deterministic hash of a directory tree.
+
+    Entries are sorted by relative posix path; each contributes ``path NUL kind NUL digest NUL``
+    (UTF-8, surrogate escapes kept) where kind is ``dir`` (empty digest), ``file`` (the file's sha256)
+    or ``link`` (the sha256 of the link's target string). Timestamps and permissions do not count.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise NotADirectoryError(str(root))
+    h = hashlib.sha256()
+    for rel, kind, digest in sorted(_tree_entries(root)):
+        h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + kind.encode() + b"\0" + digest.encode() + b"\0")
+    return h.hexdigest()
+
+
+def artifact(role: str, path: PathLike) -> dict[str, str]:
+    """The record of one input: a file hashed by its bytes, a directory as a tree."""
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        return {"role": role, "path": p.as_posix(), "kind": "tree", "sha256": tree_sha256(p)}
+    if p.is_file():
+        return {"role": role, "path": p.as_posix(), "kind": "file", "sha256": file_sha256(p)}
+    raise BadInput(str(p), f"{role} not found (nothing to hash)")
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(base) / p
+
+
+def data_artifact(source: str, base: Path, split: Optional[str] = None) -> Optional[dict[str, str]]:
+    """The artifact a data source string reads, resolved like harness.data does; None for builtin data.
+
+    ``npz:PATH`` is a file; ``imagefolder:PATH`` and ``torchvision:NAME:ROOT`` are trees. With
+    `split`, an image folder that holds a ``<split>/`` subfolder is hashed there, as it is loaded.
+    """
+    scheme, _, arg = source.partition(":")
+    if scheme == "npz":
+        return artifact("data", _resolve(arg, base))
+    if scheme == "imagefolder":
+        root = _resolve(arg, base)
+        if split is not None and (root / split).is_dir():
+            root = root / split
+        return artifact("data", root)
+    if scheme == "torchvision":
+        _, _, root = arg.partition(":")
+        return artifact("data", _resolve(root, base)) if root else None
+    return None  # builtin:*, python:tensors: nothing on disk of the user's
+
+
+def model_artifacts(source: str, weights: Optional[str], base: Path) -> list[dict[str, str]]:
+    """The model file (torchscript:, onnx:) and the weights file a model reads; [] when it reads none."""
+    scheme, _, arg = source.partition(":")
+    found = []
+    if scheme in ("torchscript", "onnx") and arg:
+        found.append(artifact("model", _resolve(arg, base)))
+    if weights is not None:
+        found.append(artifact("weights", _resolve(weights, base)))
+    return found
+
+
+def config_artifact(path: Any) -> Optional[dict[str, str]]:
+    """The config file's artifact; None for the embedded default, a dict or an already parsed Config."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    from .config import DEFAULT_CONFIG_PATH  # no torch behind it; only needed when there is a path
+
+    p = Path(path)
+    if p.absolute() == DEFAULT_CONFIG_PATH.absolute():
+        return None
+    return artifact("config", p)
+
+
+def package_versions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Versions from installed metadata, never by importing: python, harness, torch, torchvision,
+    numpy; foolbox and ART (key "art") when installed; and each distribution named in `extra`."""
+    import importlib.metadata as md
+
+    def version(dist: str) -> Optional[str]:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    out = {"python": platform.python_version()}
+    for key, dist in _CORE.items():
+        out[key] = version(dist) or "not installed"
+    for key, dist in _OPTIONAL.items():
+        v = version(dist)
+        if v is not None:
+            out[key] = v
+    for dist in extra:
+        out.setdefault(dist, version(dist) or "not installed")
+    return out
+
+
+def _rehash(path: Path, kind: str) -> Optional[str]:
+    if kind == "tree":
+        return tree_sha256(path) if path.is_dir() else None
+    return file_sha256(path) if path.is_file() else None
+
+
+def _row(role: str, path: Path, expected: str, kind: str) -> VerifyRow:
+    actual = _rehash(path, kind)
+    status = "missing" if actual is None else "ok" if actual == expected else "mismatch"
+    return {"role": role, "path": path.as_posix(), "expected": expected, "actual": actual, "status": status}
+
+
+def _load_record(scorecard_path: PathLike) -> tuple[dict[str, Any], Path]:
+    """The scorecard's record and its directory. Read here rather than by Scorecard.load, which also
+    parses outcomes.json and refuses an altered one: verify must report that file, not stop at it."""
+    from .scorecard import REQUIRED_KEYS, SCHEMA_VERSION
+
+    p = Path(scorecard_path)
+    if p.is_dir():
+        p = p / "scorecard.json"
+    try:
+        record = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(str(p), "scorecard not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BadInput(str(p), f"not a readable scorecard JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict):
+        raise BadInput(str(p), "not a scorecard: the JSON is not an object")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise BadInput(str(p), f"unsupported scorecard schema_version {record.get('schema_version')!r} (valid: {SCHEMA_VERSION})")
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise BadInput(str(p), f"not a scorecard: it lacks the keys {', '.join(missing)}")
+    return record, p.parent.absolute()
+
+
+def verify(scorecard_path: PathLike) -> list[VerifyRow]:
+    """Re-hashes every artifact a scorecard names and every output file beside it.
+
+    One row per item, in the scorecard's order (artifacts, then outputs): ``{"role", "path",
+    "expected", "actual", "status"}`` with status ``ok``, ``mismatch`` or ``missing`` (actual None).
+    A scorecard that cannot be read, or whose provenance lists are malformed, raises BadInput.
+    """
+    record, directory = _load_record(scorecard_path)
+    where = str(scorecard_path)
+    prov = record.get("provenance")
+    if not isinstance(prov, dict):
+        raise BadInput(where, "provenance must be an object")
+    artifacts = prov.get("artifacts") or []
+    outputs = prov.get("outputs") or {}
+    if not isinstance(artifacts, list):
+        raise BadInput(where, "provenance.artifacts must be a list of {role, path, kind, sha256}")
+    if not isinstance(outputs, dict):
+        raise BadInput(where, "provenance.outputs must map file names to sha256")
+    rows = []
+    for i, a in enumerate(artifacts):
+        if not isinstance(a, dict) or not all(isinstance(a.get(k), str) for k in ("role", "path", "sha256")):
+            raise BadInput(where, f"provenance.artifacts[{i}] needs string role, path and sha256")
+        kind = a.get("kind", "file")
+        if kind not in ("file", "tree"):
+            raise BadInput(where, f"provenance.artifacts[{i}].kind is {kind!r} (valid: file, tree)")
+        rows.append(_row(a["role"], Path(a["path"]), a["sha256"], kind))
+    for name, digest in outputs.items():
+        rel = PurePosixPath(name)
+        if not isinstance(digest, str) or rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise BadInput(where, f"provenance.outputs[{name!r}] must be a file beside the scorecard with a sha256 string")
+        rows.append(_row("output", directory.joinpath(*rel.parts), digest, "file"))
+    return rows

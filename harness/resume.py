@@ -1,0 +1,117 @@
+"""What a run has finished, saved beside its outputs so `harness run --resume` continues it.
+
+`run-state.json` in the output directory holds every finished unit (an attack at one epsilon, a
+minimal attack, a corruption at one severity) with its per-sample masks, written atomically after
+each unit. It is tied to a fingerprint of the config (less `device`: metrics do not depend on
+it), the model's and the data's hashes and the harness version; a state with another fingerprint
+is set aside rather than mixed into a different run.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .files import write_text_atomic
+
+__all__ = ["STATE_FILE", "fingerprint", "save_state", "load_state"]
+
+STATE_FILE = "run-state.json"
+_SCHEMA = 1
+_MASKS = ("robust", "attacked", "broken")
+_SCALARS = ("seconds", "violations", "nonfinite", "queries", "gradients", "target_hits", "cascade", "minimal")
+
+
+def fingerprint(config: dict[str, Any], model_sha256: str, dataset_sha256: str, version: str) -> str:
+    """What a saved state must match to be reused."""
+    cfg = {k: v for k, v in config.items() if k != "device"}
+    blob = json.dumps({"config": cfg, "model": model_sha256, "data": dataset_sha256, "harness": version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _bits(mask) -> str:
+    import numpy as np
+
+    return base64.b64encode(np.packbits(mask.numpy().astype(bool)).tobytes()).decode("ascii")
+
+
+def _unbits(text: str, n: int):
+    import numpy as np
+    import torch
+
+    raw = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8)
+    if raw.size != (n + 7) // 8:
+        raise ValueError(f"a mask holds {raw.size} bytes, expected {(n + 7) // 8}")
+    return torch.from_numpy(np.unpackbits(raw)[:n].astype(bool))
+
+
+def _floats(t) -> str:
+    return base64.b64encode(t.float().contiguous().numpy().tobytes()).decode("ascii")
+
+
+def _unfloats(text: str, n: int):
+    import numpy as np
+    import torch
+
+    arr = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.float32)
+    if arr.size != n:
+        raise ValueError(f"a distance vector holds {arr.size} values, expected {n}")
+    return torch.from_numpy(arr.copy())
+
+
+def _num(v: Optional[float]) -> Any:
+    return None if v is None else (v if math.isfinite(v) else str(v))
+
+
+def _unnum(v: Any) -> Optional[float]:
+    return None if v is None else float(v)
+
+
+def _encode(r) -> dict[str, Any]:
+    return {
+        "unit": r.unit, "subject": r.subject, "label": r.label, "value": _num(r.value),
+        **{k: _bits(getattr(r, k)) for k in _MASKS}, "distance": _floats(r.distance),
+        **{k: getattr(r, k) for k in _SCALARS},
+        "median_perturbation": _num(r.median_perturbation), "stages": r.stages, "params": r.params,
+        "parts": [{"attack": p["attack"], "access": p["access"], "attacked": _bits(p["attacked"]), "broken": _bits(p["broken"])} for p in r.parts],
+    }
+
+
+def save_state(path: Path, print_: str, n: int, results: Sequence[Any]) -> None:
+    record = {"schema_version": _SCHEMA, "fingerprint": print_, "n": n, "results": [_encode(r) for r in results]}
+    write_text_atomic(path, json.dumps(record, allow_nan=False))
+
+
+def load_state(path: Path, print_: str, n: int, attacks: Sequence[Any]) -> tuple[dict[str, list[Any]], str]:
+    """The finished units of a saved run ({unit: [AttackResult]}) and a line saying what was found.
+
+    A missing, unreadable or foreign state (another fingerprint) gives no units: the run starts
+    over, and the line says why."""
+    from .runner import AttackResult
+
+    if not path.exists():
+        return {}, f"nothing to resume in {path.parent}: starting from the beginning"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("schema_version") != _SCHEMA:
+            raise ValueError(f"unsupported schema_version {record.get('schema_version')!r}")
+        if record.get("fingerprint") != print_ or record.get("n") != n:
+            return {}, (f"the saved work in {path} was made with another config, model or data (fingerprint differs): "
+                        "it is set aside and the run starts over")
+        done: dict[str, list[Any]] = {}
+        for rec in record["results"]:
+            index = int(rec["unit"].split("|", 1)[0])
+            r = AttackResult(attacks[index], rec["subject"], rec["label"], _unnum(rec["value"]),
+                             *(_unbits(rec[k], n) for k in _MASKS), _unfloats(rec["distance"], n),
+                             **{k: rec[k] for k in _SCALARS}, median_perturbation=_unnum(rec["median_perturbation"]),
+                             stages=rec["stages"], params=rec["params"], unit=rec["unit"],
+                             parts=[{**p, "attacked": _unbits(p["attacked"], n), "broken": _unbits(p["broken"], n)} for p in rec["parts"]])
+            done.setdefault(r.unit, []).append(r)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        return {}, f"the saved work in {path} cannot be read ({type(e).__name__}: {e}): the run starts over"
+    units = sum(len(v) for v in done.values())
+    return done, f"resuming from {path.parent}: {units} finished result(s) reused"
