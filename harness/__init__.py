@@ -3,6 +3,7 @@
     import harness
     card = harness.run()            # the embedded default suite
     card.passed, card.metrics["clean_accuracy"]
+    harness.compare(card_a, card_b) # model versions side by side
 
 Importing this package is cheap: torch and the rest load when a run starts.
 """
@@ -12,14 +13,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["run", "gate", "Scorecard", "BadInput", "RunFailed", "__version__"]
+__all__ = ["run", "gate", "compare", "Scorecard", "BadInput", "RunFailed", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import run
+    from .compare import compare
     from .errors import BadInput, RunFailed
     from .scorecard import Scorecard
 
-_LAZY = {"run": ".api", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
+# harness.compare is also a submodule: once imported, the package attribute is that module, which
+# is callable as the function (see harness/compare.py), so both spellings keep working.
+_LAZY = {"run": ".api", "compare": ".compare", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
 
 
 def __getattr__(name: str) -> Any:

@@ -30,6 +30,23 @@ def resolve_config(config: ConfigLike) -> tuple[Config, Path, str]:
     return cfg, base, "default" if config is None else str(config)
 
 
+def _resolved_suite(cfg: Config) -> str:
+    """The suite as it will run: every attack entry with all its knobs, defaults filled in (so a
+    changed default in another harness version changes the suite's hash), and the cascade."""
+    import dataclasses
+
+    from .config import AttackConfig
+
+    entries = []
+    for a in cfg.attacks:
+        entry: dict[str, Any] = {"entry": a.model_dump(mode="json")}
+        if isinstance(a, AttackConfig):
+            built = a.build()
+            entry["resolved"] = dataclasses.asdict(built) if dataclasses.is_dataclass(built) else dict(a.params)
+        entries.append(entry)
+    return json.dumps({"attacks": entries, "cascade": cfg.cascade}, sort_keys=True, default=str)
+
+
 def _seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -104,6 +121,11 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
 
     config_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
     artifacts = [] if model is not None else model_artifacts(cfg.model.source, cfg.model.weights, base)
+    if model is None and cfg.model.source == "builtin:digits-cnn":
+        from .builtin import weights_path
+        from .provenance import artifact
+
+        artifacts.append(artifact("weights", weights_path()))  # the cached, trained builtin model the run loaded
     if data is None:
         artifacts += [a for a in [data_artifact(cfg.data.source, base, split=cfg.data.split)] if a]
     artifacts += [a for a in [config_artifact(config)] if a]
@@ -115,6 +137,7 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
         "split": ds.split,
         "samples": len(ds),
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "suite_sha256": hashlib.sha256(_resolved_suite(cfg).encode()).hexdigest(),
         "config_file": label,
         "seed": cfg.seed,
         "device": ",".join(str(d) for d in devices),
@@ -125,12 +148,15 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     }
 
     def record_of(ev) -> dict[str, Any]:
+        from .images import class_records, example_records
         from .metrics import metric_counts, metric_id, metric_intervals
 
         rec = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "passed": False, "verdict": "inconclusive", "on_inconclusive": cfg.on_inconclusive,
                "metrics": ev.metrics(), "gates": [], "attacks": [r.record() for r in ev.results],
                "probes": [], "defenses": [], "checks": list(ev.checks),
                "provenance": {**provenance, "duration_s": round(time.perf_counter() - t0, 3)}}
+        rec["classes"] = class_records(ev, ds.y, cfg.model.num_classes)
+        rec["examples"] = example_records(ev, ds)
         rec["intervals"] = metric_intervals(rec)  # 95% Wilson, for every accuracy with a sample count
         for a in rec["attacks"]:
             a["ci95"] = rec["intervals"].get(metric_id("robust_accuracy", a["id"], a["epsilon"]))
@@ -172,7 +198,7 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     from .outcomes import Outcomes
 
     # rejudged with the per-sample outcomes, so max_drop against a baseline is a paired test
-    card = Scorecard(record_of(ev), Outcomes.from_evaluation(ev, ds.ids)).rejudge(cfg.gates, base_card)
+    card = Scorecard(record_of(ev), Outcomes.from_evaluation(ev, ds.ids, ds.y)).rejudge(cfg.gates, base_card)
     if out is not None:
         card.save(out)
         if state.exists():

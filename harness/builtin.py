@@ -71,13 +71,18 @@ def train_digits_cnn(recipe: dict = RECIPE) -> tuple[DigitsCNN, float]:
     return net, accuracy(net, x_te, y_te)
 
 
+def weights_path(recipe: dict = RECIPE) -> Path:
+    """Where the builtin model trained by `recipe` is cached."""
+    return cache_dir() / "models" / f"digits-cnn-{recipe_key(recipe)}.safetensors"
+
+
 def digits_cnn(recipe: dict = RECIPE) -> tuple[DigitsCNN, Path]:
     """The trained builtin model, from the cache or trained now (a few seconds) and cached."""
     from safetensors.torch import load_file, save_file
 
     from .files import atomic_path
 
-    path = cache_dir() / "models" / f"digits-cnn-{recipe_key(recipe)}.safetensors"
+    path = weights_path(recipe)
     net = DigitsCNN()
     if path.is_file():
         try:

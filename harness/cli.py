@@ -221,6 +221,27 @@ def gate(scorecard: Path, config: Optional[Path], baseline: Optional[Path]) -> N
     sys.exit(card.exit_code)
 
 
+@cli.command("compare")
+@click.argument("scorecards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="The HTML page [default: reports/compare-<timestamp>.html].")
+@click.option("--label", "labels", multiple=True, help="A name for each version, in order (repeat it) [default: the scorecards' names].")
+@_guard
+def compare_(scorecards: tuple[Path, ...], out: Optional[Path], labels: tuple[str, ...]) -> None:
+    """Compare model versions side by side: metrics with deltas, gates, curves, per-sample flips.
+
+    Each SCORECARD is a scorecard.json or its directory; the first is the reference. Exit 0 when
+    compared (a comparison is not a gate), 2 when the scorecards cannot be compared.
+    """
+    from .compare import compare
+
+    out = out or REPORTS / f"compare-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.html"
+    comparison = compare(*scorecards, labels=list(labels) or None, out=out)
+    for line in comparison.summary_lines():
+        click.echo(line)
+    click.echo(f"comparison: {out}")
+    sys.exit(EXIT_PASS)
+
+
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @_guard

@@ -7,7 +7,8 @@ can be paired sample by sample: a paired test (McNemar) says whether a drop is r
 that flipped say where.
 
     {"schema_version": 1, "n": N, "ids": <base64 of little-endian int64>,
-     "flags": {"<metric id>": <base64 of numpy.packbits(flags)>, ...}}
+     "flags": {"<metric id>": <base64 of numpy.packbits(flags)>, ...},
+     "labels": <base64 of little-endian int64, each sample's true class; optional>}
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from .errors import BadInput
 
-__all__ = ["Outcomes", "OUTCOMES_FILE", "OUTCOMES_SCHEMA_VERSION"]
+__all__ = ["Outcomes", "OUTCOMES_FILE", "OUTCOMES_SCHEMA_VERSION", "pack_bits", "unpack_bits"]
 
 OUTCOMES_FILE = "outcomes.json"
 OUTCOMES_SCHEMA_VERSION = 1
@@ -30,7 +31,7 @@ OUTCOMES_SCHEMA_VERSION = 1
 class Outcomes:
     """Sample ids (int64, unique) and, per metric id, a bool per sample aligned with them."""
 
-    def __init__(self, ids: Any, flags: Mapping[str, Any]) -> None:
+    def __init__(self, ids: Any, flags: Mapping[str, Any], labels: Any = None) -> None:
         ids = np.asarray(ids)
         if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
             raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} of {ids.dtype}")
@@ -46,6 +47,12 @@ class Outcomes:
             checked[str(metric)] = f.copy()
         self.ids = ids
         self.flags = checked
+        self.labels = None  # optional true labels, aligned with ids (for flips by class)
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != ids.shape or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+                raise ValueError(f"labels must be integers of shape {ids.shape}, got {labels.dtype} {labels.shape}")
+            self.labels = labels.astype(np.int64)
 
     @property
     def n(self) -> int:
@@ -58,25 +65,18 @@ class Outcomes:
         return f"<Outcomes {self.n} sample(s), {len(self.flags)} metric(s)>"
 
     @classmethod
-    def from_evaluation(cls, ev: Any, ids: Any) -> "Outcomes":
+    def from_evaluation(cls, ev: Any, ids: Any, labels: Any = None) -> "Outcomes":
         """From a runner Evaluation and the data's ids (harness.data.Data.ids): clean accuracy,
         robust accuracy per attack entry and epsilon (or corruption and severity), and the worst case."""
-        from .metrics import metric_id
-
-        def arr(t: Any) -> np.ndarray:
-            return np.asarray(t.cpu().numpy() if hasattr(t, "cpu") else t, dtype=bool)
-
-        flags = {"clean_accuracy": arr(ev.correct)}
-        for r in ev.results:
-            flags[metric_id("robust_accuracy", r.subject, r.label)] = arr(r.robust)
-        for key, robust in ev.worst_case().items():
-            flags[key] = arr(robust)
-        raw_ids = ids.cpu().numpy() if hasattr(ids, "cpu") else ids
-        return cls(np.asarray(raw_ids), flags)
+        flags = {k: _bools(v) for k, v in ev.flags().items()}
+        plain = lambda t: None if t is None else np.asarray(t.cpu().numpy() if hasattr(t, "cpu") else t)
+        return cls(plain(ids), flags, plain(labels))
 
     def to_json(self) -> str:
-        flags = {m: _b64(np.packbits(f)) for m, f in self.flags.items()}
+        flags = {m: pack_bits(f) for m, f in self.flags.items()}
         body = {"schema_version": OUTCOMES_SCHEMA_VERSION, "n": self.n, "ids": _b64(self.ids.astype("<i8")), "flags": flags}
+        if self.labels is not None:
+            body["labels"] = _b64(self.labels.astype("<i8"))
         return json.dumps(body, separators=(",", ":")) + "\n"
 
     @classmethod
@@ -114,7 +114,13 @@ class Outcomes:
             if bits[n:].any():
                 raise BadInput(where, f"flags[{metric!r}]: padding bits after sample {n} are set (a truncated or altered file)")
             flags[metric] = bits[:n].astype(bool)
-        return cls(ids, flags)
+        labels = None
+        if body.get("labels") is not None:
+            raw = _unb64(body["labels"], where, "labels")
+            if len(raw) != 8 * n:
+                raise BadInput(where, f"labels: {len(raw)} bytes, expected {8 * n} (8 per sample for n={n})")
+            labels = np.frombuffer(raw, dtype="<i8").astype(np.int64)
+        return cls(ids, flags, labels)
 
     def _aligned(self, baseline: "Outcomes", metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(common ids, baseline flags, this run's flags) over the ids both share, sorted by id."""
@@ -143,6 +149,23 @@ def _ids_problem(ids: np.ndarray) -> str:
     if uniq.size != ids.size:
         return f"sample id {int(uniq[counts > 1][0])} appears {int(counts[counts > 1][0])} times (ids must be unique)"
     return ""
+
+
+def _bools(t: Any) -> np.ndarray:
+    return np.asarray(t.cpu().numpy() if hasattr(t, "cpu") else t, dtype=bool)
+
+
+def pack_bits(mask: Any) -> str:
+    """A bool vector (numpy or torch) as base64 of its packed bits."""
+    return _b64(np.packbits(_bools(mask)))
+
+
+def unpack_bits(text: str, n: int) -> np.ndarray:
+    """The inverse of pack_bits for n samples; ValueError when the text does not hold exactly that."""
+    raw = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8)
+    if raw.size != (n + 7) // 8:
+        raise ValueError(f"packed bits hold {raw.size} bytes, expected {(n + 7) // 8} for {n} samples")
+    return np.unpackbits(raw)[:n].astype(bool)
 
 
 def _b64(a: np.ndarray) -> str:

@@ -1,27 +1,50 @@
-"""Renderings of a scorecard record: report.html, junit.xml, summary.md. Pure functions.
+"""Renderings of a scorecard record: report.html, the notebook view, junit.xml, summary.md. Pure functions.
 
-Everything a user controls (names, paths, labels) is escaped: HTML through Jinja's autoescape,
-XML through ElementTree, Markdown by escaping its table syntax.
+Everything a user controls (names, paths, labels) is escaped: HTML through Jinja's autoescape and
+markupsafe in the hand-built SVG, XML through ElementTree (with the characters XML 1.0 forbids
+dropped), Markdown by escaping its inline and table syntax. Records from older versions may lack
+any key added since schema 1 (classes, examples, intervals, ...): the sections they feed are left out.
+The CSS lives in one partial, templates/_style.css.j2 (`style_css()`), shared with `harness compare`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
+import json
+import math
+import re
+import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["report_html", "compact_html", "junit_xml", "summary_md"]
+__all__ = ["report_html", "compact_html", "junit_xml", "summary_md", "curve_svg", "style_css"]
 
 _TEMPLATES = Path(__file__).with_name("templates")
+_VERDICTS = ("pass", "fail", "inconclusive")
+MAX_CLASS_ROWS = 30  # beyond this many classes the heatmap shows the most vulnerable ones only
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@functools.lru_cache(maxsize=1)
 def _env():
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_TEMPLATES)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["num"] = _num
+    env.filters.update(num=_num, signed=_signed, ci=_ci_text)
     return env
+
+
+def style_css() -> str:
+    """The report's stylesheet (every rule scoped to `.hr-card`), for a page that embeds report parts."""
+    return _env().get_template("_style.css.j2").render()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _num(v: Any, digits: int = 4) -> str:
@@ -29,53 +52,118 @@ def _num(v: Any, digits: int = 4) -> str:
         return "–"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if isinstance(v, (int,)):
+    if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
     return str(v)
 
 
+def _signed(v: Any, digits: int = 4) -> str:
+    return f"{v:+.{digits}f}".replace("-", "−") if _is_number(v) else "–"
+
+
+def _ci_text(ci: Any, digits: int = 3) -> str:
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_number(c) for c in ci):
+        return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return "–"
+
+
 def _why(record: dict[str, Any]) -> list[str]:
-    """The reasons for a verdict that is not a pass, one line each."""
-    out = [f"gate {g['metric']} {g['op']} {g['threshold']}: {g.get('reason') or g['verdict']}"
-           + (" (passed by on_inconclusive: pass)" if g["verdict"] == "inconclusive" and g.get("passed") else "")
-           for g in record["gates"] if g["verdict"] != "pass"]
-    out += [f"check {c['name']}: {c['detail']}" for c in record["checks"] if c["status"] == "fail"]
+    """The reasons for a verdict that is not a pass, one line each: the gates that did not pass
+    (failed, or inconclusive whatever the policy made of them) and the checks that failed."""
+    out = []
+    for g in record.get("gates", []):
+        if g.get("verdict") == "pass":
+            continue
+        reason = g.get("reason") or g.get("verdict")
+        if g.get("verdict") == "inconclusive" and g.get("passed") and "on_inconclusive" not in str(reason):
+            reason = f"{reason} (passed by on_inconclusive: pass)"
+        out.append(f"gate {g.get('metric')} {g.get('op')} {g.get('threshold')}: {reason}")
+    out += [f"check {c.get('name')}: {c.get('detail')}" for c in record.get("checks", []) if c.get("status") == "fail"]
     return out
 
 
+def _tally(record: dict[str, Any]) -> str:
+    """One line under the verdict: how many gates passed and how the checks came out."""
+    gates, checks = record.get("gates", []), record.get("checks", [])
+    status = [c.get("status") for c in checks]
+    parts = [f"{sum(bool(g.get('passed')) for g in gates)} of {len(gates)} gate(s) passed"]
+    if checks:
+        parts.append(f"{len(checks)} check(s): " + ", ".join(f"{status.count(s)} {s}" for s in ("pass", "warn", "fail")))
+    return "; ".join(parts)
+
+
+# --- charts -----------------------------------------------------------------------------------
+
 _PALETTE = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#1b7c83", "#d1242f", "#57606a")
+_FONT = "system-ui, -apple-system, 'Segoe UI', sans-serif"
+_LEGEND_CHARS = 32
+
+
+def _nice_step(span: float, ticks: int = 4) -> float:
+    raw = span / ticks
+    scale = 10 ** math.floor(math.log10(raw))
+    return next(m * scale for m in (1, 2, 2.5, 5, 10) if m * scale >= raw * (1 - 1e-9))
 
 
 def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]]) -> str:
-    """A robust-accuracy-vs-epsilon chart as inline SVG (no script, no fetch); labels escaped."""
+    """Robust accuracy against epsilon as inline SVG (no script, no fetch, labels escaped): one line
+    per entry of `lines` (name -> [(epsilon, accuracy)]), "worst" drawn dashed in black, with a
+    title, axis titles, tick labels and a legend."""
     from markupsafe import escape
 
-    w, h, left, bottom, top, right = 460, 260, 46, 34, 12, 150
-    xmax = max((x for pts in lines.values() for x, _ in pts), default=1.0) or 1.0
-    sx = lambda x: left + (w - left - right) * x / xmax
-    sy = lambda y: top + (h - top - bottom) * (1 - y)
-    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
-             f'aria-label="robust accuracy against {escape(norm)} epsilon" style="max-width:100%;height:auto">']
-    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#d0d7de"/>'
-                     f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" font-size="11" text-anchor="end">{t:g}</text>')
-    for t in (0.0, xmax / 2, xmax):
-        parts.append(f'<text x="{sx(t):.1f}" y="{h - bottom + 16}" font-size="11" text-anchor="middle">{t:.3g}</text>')
-    parts.append(f'<text x="{(left + w - right) / 2:.1f}" y="{h - 4}" font-size="12" text-anchor="middle">{escape(norm)} epsilon</text>')
-    for i, (name, pts) in enumerate(sorted(lines.items(), key=lambda kv: kv[0] == "worst")):
-        colour = "#1f2328" if name == "worst" else _PALETTE[i % len(_PALETTE)]
-        dash = ' stroke-dasharray="5 3"' if name == "worst" else ""
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
-        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>' for x, y in pts]
-        parts.append(f'<text x="{w - right + 8}" y="{top + 14 + 16 * i}" font-size="12" fill="{colour}">{escape(name)}</text>')
+    lines = {str(k): [(float(x), float(y)) for x, y in pts if _is_number(x) and _is_number(y)] for k, pts in lines.items()}
+    names = sorted(lines, key=lambda k: (k == "worst", k))
+    shown = {k: "worst case" if k == "worst" else (k if len(k) <= _LEGEND_CHARS else k[:_LEGEND_CHARS - 1] + "…") for k in names}
+    left, top, bottom, plot_w = 58, 34, 50, 380
+    right = min(280, max(110, 36 + 7 * max((len(s) for s in shown.values()), default=0)))
+    w, h = left + plot_w + right, max(300, top + 40 + 18 * len(names))
+    plot_h = h - top - bottom
+    xmax = max((x for pts in lines.values() for x, _ in pts), default=0.0)
+    step = _nice_step(xmax) if xmax > 0 else 0.25
+    xend = step * math.ceil(xmax / step - 1e-9) if xmax > 0 else 1.0
+    sx = lambda x: left + plot_w * x / xend
+    sy = lambda y: top + plot_h * (1 - y)
+    title = f"Robust accuracy against {norm} epsilon"
+    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{escape(title)}" '
+             f'font-family="{_FONT}" style="max-width:100%;height:auto">',
+             f"<title>{escape(title)}</title>",
+             f'<text x="{left}" y="18" font-size="14" font-weight="600" fill="#1f2328">{escape(title)}</text>']
+    for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#d0d7de"/>'
+                     f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" font-size="11" text-anchor="end" fill="#1f2328">{t:.1f}</text>')
+    for i in range(int(round(xend / step)) + 1):
+        t = i * step
+        parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" stroke="#57606a"/>'
+                     f'<text x="{sx(t):.1f}" y="{top + plot_h + 17}" font-size="11" text-anchor="middle" fill="#1f2328">{float(f"{t:.6g}"):g}</text>')
+    parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#57606a"/>'
+                 f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="#57606a"/>'
+                 f'<text x="{left + plot_w / 2:.1f}" y="{h - 10}" font-size="12" text-anchor="middle" fill="#1f2328">epsilon ({escape(norm)})</text>'
+                 f'<text transform="translate(16 {top + plot_h / 2:.1f}) rotate(-90)" font-size="12" text-anchor="middle" fill="#1f2328">robust accuracy</text>')
+    if not any(lines.values()):
+        parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h / 2:.1f}" font-size="12" text-anchor="middle" fill="#57606a">no points</text>')
+    for i, name in enumerate(names):
+        worst = name == "worst"
+        colour = "#1f2328" if worst else _PALETTE[i % len(_PALETTE)]
+        dash = ' stroke-dasharray="6 4"' if worst else ""
+        pts = lines[name]
+        if len(pts) > 1:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
+        for x, y in pts:
+            tip = f"<title>{escape(shown[name])} at {x:g}: {y:.4f}</title>"
+            parts.append(f'<rect x="{sx(x) - 3.5:.1f}" y="{sy(y) - 3.5:.1f}" width="7" height="7" fill="{colour}">{tip}</rect>' if worst
+                         else f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{colour}">{tip}</circle>')
+        ly = top + 10 + 18 * i
+        parts.append(f'<g class="legend"><line x1="{left + plot_w + 14}" x2="{left + plot_w + 38}" y1="{ly}" y2="{ly}" '
+                     f'stroke="{colour}" stroke-width="2"{dash}/><text x="{left + plot_w + 44}" y="{ly + 4}" font-size="12" '
+                     f'fill="#1f2328"><title>{escape(name)}</title>{escape(shown[name])}</text></g>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _charts(record: dict[str, Any]) -> list[tuple[str, str]]:
+def _charts(record: dict[str, Any]) -> list[tuple[str, Any]]:
     from markupsafe import Markup
 
     from .metrics import curves
@@ -83,67 +171,217 @@ def _charts(record: dict[str, Any]) -> list[tuple[str, str]]:
     return [(norm, Markup(curve_svg(norm, lines))) for norm, lines in sorted(curves(record).items())]
 
 
+# --- sections built from the record -----------------------------------------------------------
+
+def _gates(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Gate records with their delta against the baseline (value - baseline) filled in."""
+    out = []
+    for g in record.get("gates", []):
+        delta = g.get("delta")
+        if delta is None and _is_number(g.get("value")) and _is_number(g.get("baseline")):
+            delta = g["value"] - g["baseline"]
+        out.append({**g, "delta": delta, "verdict": g.get("verdict", "?"), "kind": _kind(g.get("verdict"))})
+    return out
+
+
+def _kind(verdict: Any) -> str:
+    return verdict if verdict in _VERDICTS else "unknown"
+
+
+def _worst_parts(key: str) -> tuple[str, str]:
+    """"robust_accuracy:worst-linf@8/255" -> ("linf", "8/255")."""
+    norm, _, label = key.removeprefix("robust_accuracy:worst-").partition("@")
+    return norm, label
+
+
+def _main_worst(record: dict[str, Any], keys: list[str]) -> Optional[str]:
+    """The worst-case metric the suite is about: the first one a gate names, else the middle
+    epsilon of the first norm."""
+    for g in record.get("gates", []):
+        if g.get("metric") in keys:
+            return g["metric"]
+    if not keys:
+        return None
+    values = {(a.get("norm"), a.get("epsilon")): a.get("epsilon_value") for a in record.get("attacks", [])}
+    norm = _worst_parts(keys[0])[0]
+    same = [k for k in keys if _worst_parts(k)[0] == norm]
+    same.sort(key=lambda k: v if _is_number(v := values.get(_worst_parts(k))) else 0.0)
+    return same[(len(same) - 1) // 2]
+
+
+def _heat(v: Any) -> str:
+    """A light background from red (0) through yellow to green (1), dark text stays readable."""
+    return f"background:hsl({120 * min(1.0, max(0.0, v)):.0f},70%,86%)" if _is_number(v) else "background:#f6f8fa"
+
+
+def _classes(record: dict[str, Any]) -> Optional[dict[str, Any]]:
+    cls = record.get("classes")
+    if not isinstance(cls, dict) or not cls.get("ids"):
+        return None
+    ids = list(cls["ids"])
+    fit = lambda v, default: v if isinstance(v, list) and len(v) == len(ids) else default
+    names = fit(cls.get("names"), [str(i) for i in ids])
+    count, clean = fit(cls.get("n"), [None] * len(ids)), fit(cls.get("clean_accuracy"), [None] * len(ids))
+    robust = {k: v for k, v in (cls.get("robust_accuracy") or {}).items() if fit(v, None) is not None}
+    columns = [k.removeprefix("robust_accuracy:") for k in robust]
+    main = _main_worst(record, list(robust))
+    order = list(range(len(ids)))
+    if main is not None:
+        ranked = sorted((i for i in order if _is_number(robust[main][i])), key=lambda i: (robust[main][i], i))
+    else:
+        ranked = sorted((i for i in order if _is_number(clean[i])), key=lambda i: (clean[i], i))
+    rows = order if len(ids) <= MAX_CLASS_ROWS else sorted(ranked[:MAX_CLASS_ROWS])
+    cells = lambda i: [{"value": v, "style": _heat(v)} for v in [clean[i]] + [robust[k][i] for k in robust]]
+    vulnerable = [{"name": names[i], "value": (robust[main] if main else clean)[i], "n": count[i]} for i in ranked[:3]]
+    return {"columns": columns, "rows": [{"name": names[i], "n": count[i], "cells": cells(i)} for i in rows],
+            "vulnerable": vulnerable, "main": (main or "clean_accuracy").removeprefix("robust_accuracy:"),
+            "total": len(ids), "truncated": len(rows) < len(ids)}
+
+
+def _png(b64: Any) -> Optional[tuple[str, int, int]]:
+    """A base64 PNG re-encoded canonically with its width and height, or None if it is not one."""
+    if not isinstance(b64, str):
+        return None
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) < 24 or not raw.startswith(PNG_SIGNATURE) or raw[12:16] != b"IHDR":
+        return None
+    w, h = struct.unpack(">II", raw[16:24])
+    return (base64.b64encode(raw).decode("ascii"), w, h) if w and h else None
+
+
+def _examples(record: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for e in record.get("examples") or []:
+        images = {k: _png(e.get(k)) for k in ("original", "perturbation", "adversarial")}
+        if not all(images.values()):
+            continue
+        _, w, h = images["original"]
+        scale = max(1, math.ceil(96 / w)) if w < 96 else 1
+        width = min(224, w * scale)
+        out.append({**{k: e.get(k) for k in ("attack", "norm", "epsilon", "sample", "label", "prediction", "distance", "amplification")},
+                    "images": {k: v[0] for k, v in images.items()}, "width": width, "height": round(h * width / w)})
+    return out
+
+
+def _cell(v: Any) -> str:
+    return v if isinstance(v, str) else _num(v) if v is None or isinstance(v, (bool, int, float)) else json.dumps(v, default=str)
+
+
+def _table(records: Any) -> Optional[dict[str, Any]]:
+    """Records of any shape as one table: the union of their keys as columns, nested values as JSON."""
+    rows = [r for r in records or [] if isinstance(r, dict)]
+    if not rows:
+        return None
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return {"columns": columns, "rows": [[_cell(r.get(k)) for k in columns] for r in rows]}
+
+
+def _provenance(record: dict[str, Any]) -> dict[str, Any]:
+    prov = record.get("provenance") or {}
+    nested = ("versions", "artifacts", "outputs")
+    fields = [(k, _cell(v)) for k, v in prov.items() if k not in nested]
+    outputs = prov.get("outputs") if isinstance(prov.get("outputs"), dict) else {}
+    versions = prov.get("versions") if isinstance(prov.get("versions"), dict) else {}
+    return {"fields": fields, "artifacts": _table(prov.get("artifacts")), "outputs": [(k, _cell(v)) for k, v in outputs.items()],
+            "versions": [(k, _cell(v)) for k, v in versions.items()]}
+
+
+def _context(record: dict[str, Any]) -> dict[str, Any]:
+    return {"card": record, "vclass": _kind(record.get("verdict")), "why": _why(record), "tally": _tally(record),
+            "gates": _gates(record), "charts": _charts(record), "intervals": record.get("intervals") or {}}
+
+
 def report_html(record: dict[str, Any]) -> str:
-    return _env().get_template("report.html.j2").render(card=record, why=_why(record), compact=False, charts=_charts(record))
+    """report.html: one self-contained page (inline CSS, SVG and PNG; a CSP that forbids any load)."""
+    ctx = _context(record)
+    ctx.update(classes=_classes(record), examples=_examples(record), probes=_table(record.get("probes")),
+               defenses=_table(record.get("defenses")), provenance=_provenance(record),
+               stages=[a for a in record.get("attacks", []) if a.get("stages")])
+    return _env().get_template("report.html.j2").render(**ctx)
 
 
 def compact_html(record: dict[str, Any]) -> str:
-    return _env().get_template("report.html.j2").render(card=record, why=_why(record), compact=True, charts=_charts(record))
+    """The notebook view: verdict, gates and curves in one <div> whose CSS restyles nothing outside it."""
+    return _env().get_template("compact.html.j2").render(**_context(record))
+
+
+# --- junit.xml and summary.md -------------------------------------------------------------------
+
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _x(text: Any) -> str:
+    """Text XML 1.0 can hold: the control characters it forbids are dropped."""
+    return _XML_BAD.sub("", str(text))
 
 
 def junit_xml(record: dict[str, Any]) -> str:
     """One testcase per gate (a failure element for a gate that did not pass: failed, or inconclusive
-    under on_inconclusive: fail); failed checks in a second suite."""
-    root = ET.Element("testsuites", name=f"harness {record['name']}")
-    gates = record["gates"]
-    suite = ET.SubElement(root, "testsuite", name=f"gates.{record['name']}", tests=str(len(gates)),
-                          failures=str(sum(not g["passed"] for g in gates)), errors="0", skipped="0",
-                          time=str(record["provenance"].get("duration_s", 0.0)))
+    under on_inconclusive: fail); failed checks in a second suite, warnings as system-out."""
+    name = _x(record["name"])
+    gates, checks = record["gates"], record["checks"]
+    gate_failures = sum(not g["passed"] for g in gates)
+    check_failures = sum(c["status"] == "fail" for c in checks)
+    root = ET.Element("testsuites", name=f"harness {name}", tests=str(len(gates) + len(checks)),
+                      failures=str(gate_failures + check_failures), errors="0")
+    suite = ET.SubElement(root, "testsuite", name=f"gates.{name}", tests=str(len(gates)), failures=str(gate_failures),
+                          errors="0", skipped="0", time=str(record["provenance"].get("duration_s") or 0.0))
     for g in gates:
-        case = ET.SubElement(suite, "testcase", classname=f"harness.{record['name']}.gates",
-                             name=f"{g['metric']} {g['op']} {g['threshold']}")
-        msg = f"{g['verdict']}: value {_num(g['value'])}; {g.get('reason', '')}".strip()
+        case = ET.SubElement(suite, "testcase", classname=f"harness.{name}.gates", name=_x(f"{g['metric']} {g['op']} {g['threshold']}"))
+        msg = _x(f"{g['verdict']}: value {_num(g['value'])}; {g.get('reason', '')}".strip().rstrip(";"))
         if not g["passed"]:
-            ET.SubElement(case, "failure", message=msg, type=g["verdict"]).text = msg
+            ET.SubElement(case, "failure", message=msg, type=_x(g["verdict"])).text = msg
         elif g["verdict"] != "pass":
             ET.SubElement(case, "system-out").text = f"passed by on_inconclusive: pass; {msg}"
-    checks = record["checks"]
-    csuite = ET.SubElement(root, "testsuite", name=f"checks.{record['name']}", tests=str(len(checks)),
-                           failures=str(sum(c["status"] == "fail" for c in checks)), errors="0", skipped="0")
+    csuite = ET.SubElement(root, "testsuite", name=f"checks.{name}", tests=str(len(checks)), failures=str(check_failures),
+                           errors="0", skipped="0", time="0")
     for c in checks:
-        case = ET.SubElement(csuite, "testcase", classname=f"harness.{record['name']}.checks", name=c["name"])
+        case = ET.SubElement(csuite, "testcase", classname=f"harness.{name}.checks", name=_x(c["name"]))
         if c["status"] == "fail":
-            ET.SubElement(case, "failure", message=c["detail"], type="check").text = c["detail"]
+            ET.SubElement(case, "failure", message=_x(c["detail"]), type="check").text = _x(c["detail"])
         elif c["status"] == "warn":
-            ET.SubElement(case, "system-out").text = f"warning: {c['detail']}"
+            ET.SubElement(case, "system-out").text = _x(f"warning: {c['detail']}")
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
 def _md(text: Any) -> str:
+    """Inline Markdown text: its syntax characters backslash-escaped (a `|` would split a table
+    cell), line breaks folded into spaces."""
     s = str(text)
-    for ch in "\\|*_`<>[]":
+    for ch in "\\|*_`<>[]&~":
         s = s.replace(ch, "\\" + ch)
-    return s.replace("\n", " ")
+    return " ".join(s.split())
+
+
+def _md_table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    """A GitHub-flavoured table; `align` is one letter per column (l or r); every row padded to the header."""
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |"]
+    out += ["| " + " | ".join((r + [""] * len(header))[:len(header)]) + " |" for r in rows]
+    return out
 
 
 def summary_md(record: dict[str, Any]) -> str:
-    icon = {"pass": "✅", "fail": "❌", "inconclusive": "⚠️"}[record["verdict"]]
-    lines = [f"### {icon} harness: {_md(record['name'])}: {record['verdict']}", ""]
-    lines += [f"- {_md(w)}" for w in _why(record)]
-    if _why(record):
-        lines.append("")
-    lines += ["| gate | value | 95% CI | threshold | baseline | verdict |", "| --- | ---: | --- | --- | ---: | --- |"]
+    icon = {"pass": "✅", "fail": "❌", "inconclusive": "⚠️"}.get(record["verdict"], "❔")
+    lines = [f"### {icon} harness: {_md(record['name'])}: {_md(record['verdict'])}", ""]
+    why = _why(record)
+    lines += [f"- {_md(w)}" for w in why] + ([""] if why else [])
+    rows = []
     for g in record["gates"]:
-        ci = "–" if not g.get("ci95") else f"[{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}]"
+        ci = _ci_text(g.get("ci95"))
         if g.get("drop_ci95"):
-            ci += f"; drop [{g['drop_ci95'][0]:.3f}, {g['drop_ci95'][1]:.3f}]"
+            ci += f"; drop {_ci_text(g['drop_ci95'])}"
         verdict = g["verdict"] + (" (allowed)" if g["verdict"] == "inconclusive" and g.get("passed") else "")
-        lines.append(f"| {_md(g['metric'])} | {_num(g['value'])} | {ci} | {_md(g['op'])} {g['threshold']} | {_num(g['baseline'])} | {verdict} |")
+        rows.append([_md(g["metric"]), _num(g["value"]), ci, f"{_md(g['op'])} {_md(g['threshold'])}", _num(g.get("baseline")), _md(verdict)])
+    lines += _md_table(["gate", "value", "95% CI", "threshold", "baseline", "verdict"], "lrllrl", rows)
     if record["attacks"]:
-        lines += ["", "| attack | norm | epsilon | robust accuracy | success rate | seconds |", "| --- | --- | --- | ---: | ---: | ---: |"]
-        for a in record["attacks"]:
-            lines.append(f"| {_md(a['id'])} | {a['norm']} | {_md(a['epsilon'])} | {_num(a['robust_accuracy'])} | {_num(a['attack_success_rate'])} | {_num(a['seconds'], 2)} |")
-    lines += ["", f"clean accuracy {_num(record['metrics'].get('clean_accuracy'))} on {record['provenance'].get('samples', '?')} samples; "
-              f"device {_md(record['provenance'].get('device', '?'))}; seed {record['provenance'].get('seed')}"]
+        rows = [[_md(a["id"]), _md(a.get("norm") or "–"), _md(a["epsilon"]), _num(a["robust_accuracy"]),
+                 _num(a["attack_success_rate"]), _num(a["seconds"], 2)] for a in record["attacks"]]
+        lines += [""] + _md_table(["attack", "norm", "epsilon", "robust accuracy", "success rate", "seconds"], "lllrrr", rows)
+    prov = record["provenance"]
+    lines += ["", f"clean accuracy {_num(record['metrics'].get('clean_accuracy'))} on {_md(prov.get('samples', '?'))} samples; "
+              f"device {_md(prov.get('device', '?'))}; seed {_md(prov.get('seed'))}; {_md(_tally(record))}"]
     return "\n".join(lines) + "\n"

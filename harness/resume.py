@@ -34,19 +34,17 @@ def fingerprint(config: dict[str, Any], model_sha256: str, dataset_sha256: str, 
 
 
 def _bits(mask) -> str:
-    import numpy as np
+    from .outcomes import pack_bits
 
-    return base64.b64encode(np.packbits(mask.numpy().astype(bool)).tobytes()).decode("ascii")
+    return pack_bits(mask)
 
 
 def _unbits(text: str, n: int):
-    import numpy as np
     import torch
 
-    raw = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8)
-    if raw.size != (n + 7) // 8:
-        raise ValueError(f"a mask holds {raw.size} bytes, expected {(n + 7) // 8}")
-    return torch.from_numpy(np.unpackbits(raw)[:n].astype(bool))
+    from .outcomes import unpack_bits
+
+    return torch.from_numpy(unpack_bits(text, n))
 
 
 def _floats(t) -> str:
@@ -59,7 +57,7 @@ def _unfloats(text: str, n: int):
 
     arr = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.float32)
     if arr.size != n:
-        raise ValueError(f"a distance vector holds {arr.size} values, expected {n}")
+        raise ValueError(f"a float vector holds {arr.size} values, expected {n}")
     return torch.from_numpy(arr.copy())
 
 
@@ -78,6 +76,7 @@ def _encode(r) -> dict[str, Any]:
         **{k: getattr(r, k) for k in _SCALARS},
         "median_perturbation": _num(r.median_perturbation), "stages": r.stages, "params": r.params,
         "parts": [{"attack": p["attack"], "access": p["access"], "attacked": _bits(p["attacked"]), "broken": _bits(p["broken"])} for p in r.parts],
+        "examples": [{"sample": i, "prediction": pred, "shape": list(adv.shape), "input": _floats(adv.flatten())} for i, adv, pred in r.examples],
     }
 
 
@@ -109,7 +108,9 @@ def load_state(path: Path, print_: str, n: int, attacks: Sequence[Any]) -> tuple
                              *(_unbits(rec[k], n) for k in _MASKS), _unfloats(rec["distance"], n),
                              **{k: rec[k] for k in _SCALARS}, median_perturbation=_unnum(rec["median_perturbation"]),
                              stages=rec["stages"], params=rec["params"], unit=rec["unit"],
-                             parts=[{**p, "attacked": _unbits(p["attacked"], n), "broken": _unbits(p["broken"], n)} for p in rec["parts"]])
+                             parts=[{**p, "attacked": _unbits(p["attacked"], n), "broken": _unbits(p["broken"], n)} for p in rec["parts"]],
+                             examples=[(int(e["sample"]), _unfloats(e["input"], math.prod(e["shape"])).view(*e["shape"]), int(e["prediction"]))
+                                       for e in rec.get("examples", [])])
             done.setdefault(r.unit, []).append(r)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         return {}, f"the saved work in {path} cannot be read ({type(e).__name__}: {e}): the run starts over"

@@ -30,7 +30,7 @@ from . import checks as validity
 from .checks import record
 from .metrics import curves, entry_epsilons, metric_id, worst_groups
 from .models import BoundedModel, looks_like_probabilities
-from .stage import BatchLimit, Counting, device_of, halving, is_oom, run_pairs
+from .stage import EXAMPLES, BatchLimit, Counting, device_of, halving, is_oom, run_pairs
 
 __all__ = ["AttackResult", "Evaluation", "evaluate", "check_record"]
 
@@ -65,6 +65,7 @@ class AttackResult:
     # (n,) bool masks, for the gradient-masking check
     parts: list[dict[str, Any]] = field(default_factory=list)
     unit: str = ""  # what finished, for --resume: "<entry index>|<attack id>|<epsilon or kind/severity>"
+    examples: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  # (sample, adversarial input, prediction)
     resumed: bool = False  # restored from a saved run, not recomputed
 
     @property
@@ -284,6 +285,7 @@ class _Suite:
                 total.queries += res.queries
                 total.gradients += res.gradients
                 total.target_hits += int(res.target_hit.sum())
+                total.examples = (total.examples + res.examples)[:EXAMPLES]
                 total.parts.append({"attack": stage_name, "access": access_of(stage_attack), "attacked": points, "broken": broken})
                 stage_recs.append({"attack": stage_name, "n_attacked": int(points.sum()), "n_broken": int(broken.sum()),
                                    "robust_accuracy": int((alive & ~broken_all).sum()) / len(self.data), "seconds": round(res.seconds, 4)})
@@ -318,11 +320,12 @@ class _Suite:
             if self.cascade:
                 self.alive[(cfg.norm, eps.value)] = robust
             part = {"attack": cfg.name, "access": access_of(attack), "attacked": before.clone(), "broken": within & before}
+            shown = [e for e in res.examples if bool(within[e[0]])]
             out.append(AttackResult(cfg, cfg.attack_id, eps.label, eps.value, robust, self.correct.clone(), within, dist,
-                                    cascade=self.cascade, parts=[part], **common))
+                                    cascade=self.cascade, parts=[part], examples=shown, **common))
         if not out:  # no epsilon to judge at: still report the distances
             out.append(AttackResult(cfg, cfg.attack_id, "inf", math.inf, self.correct & ~broken, self.correct.clone(), broken, dist,
-                                    cascade=False, **{**common, "violations": 0, "nonfinite": 0, "target_hits": 0}))
+                                    cascade=False, examples=res.examples, **{**common, "violations": 0, "nonfinite": 0, "target_hits": 0}))
         self.emit(out)
         return out
 
@@ -343,7 +346,7 @@ class _Suite:
 
                 broken, dist, res = self.attack_points(apply, "linf", math.inf, self.correct, (_seed(index, k, sev), kind, str(sev)), None)
                 out.append(AttackResult(cfg, kind, str(sev), None, self.correct & ~broken, self.correct.clone(), broken, dist,
-                                        seconds=res.seconds, nonfinite=res.nonfinite, cascade=False, unit=unit))
+                                        seconds=res.seconds, nonfinite=res.nonfinite, cascade=False, unit=unit, examples=res.examples))
                 self.emit(out[-1:])
         return out
 
@@ -361,7 +364,7 @@ def _strongest(attacks: Sequence[Any]) -> Optional[tuple[Any, Any, Any]]:
         attack = cfg.build()
         for _, stage in attack.stages(cfg.norm) if hasattr(attack, "stages") else [(cfg.name, attack)]:
             steps = getattr(stage, "steps", None)
-            if access_of(stage) == "white-box" and isinstance(steps, int) and steps >= most:
+            if access_of(stage) == "white-box" and isinstance(steps, int) and steps > most:  # the first of equals: apgd-ce before apgd-t
                 best, most = (cfg, stage, max(cfg.epsilons, key=lambda e: e.value)), steps
     return best
 

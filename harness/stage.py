@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -23,7 +23,9 @@ from attacks import BOUNDS, BUDGET_TOLERANCE, ThreatModel
 from .devices import shard_map
 from .errors import RunFailed
 
-__all__ = ["Counting", "PairResult", "run_pairs", "device_of", "is_oom", "BatchLimit", "halving"]
+__all__ = ["Counting", "PairResult", "run_pairs", "device_of", "is_oom", "BatchLimit", "halving", "EXAMPLES"]
+
+EXAMPLES = 4  # adversarial examples kept per attack run, for the report
 
 
 def is_oom(e: BaseException) -> bool:
@@ -116,6 +118,8 @@ class PairResult:
     queries: int
     gradients: int
     seconds: float
+    # a few adversarial examples, for the report: (sample index into x_all, example on the CPU, its prediction)
+    examples: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -137,7 +141,7 @@ def run_pairs(attack, replicas: Sequence[torch.nn.Module], counters: Sequence[Co
         if len(parts) == 1:
             return parts[0]
         return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]),
-                sum(p[3] for p in parts), sum(p[4] for p in parts))
+                sum(p[3] for p in parts), sum(p[4] for p in parts), [e for p in parts for e in p[5]][:EXAMPLES])
 
     def attack_rows(rows: torch.Tensor, seed: int, slot: int):
         model = replicas[slot]
@@ -161,7 +165,9 @@ def run_pairs(attack, replicas: Sequence[torch.nn.Module], counters: Sequence[Co
             broken = (pred != y) | ~ok
             hit = (pred == extra["target"]) & ok if extra else torch.zeros_like(broken)
             dist = threat.distance(adv, x)
-        return broken.cpu(), dist.cpu(), hit.cpu(), int((~inside).sum()), int((~finite).sum()) + int((~ok).sum())
+        shown = torch.nonzero(broken & ok).flatten()[:EXAMPLES]
+        examples = [(int(idx[k]), adv[k].detach().cpu(), int(pred[k])) for k in shown.tolist()]
+        return broken.cpu(), dist.cpu(), hit.cpu(), int((~inside).sum()), int((~finite).sum()) + int((~ok).sum()), examples
 
     for c in counters:
         c.take()
@@ -174,4 +180,5 @@ def run_pairs(attack, replicas: Sequence[torch.nn.Module], counters: Sequence[Co
         broken=cat(0, torch.bool), distance=cat(1, torch.float32), target_hit=cat(2, torch.bool),
         violations=sum(p[3] for p in parts), nonfinite=sum(p[4] for p in parts),
         queries=sum(q for q, _ in counts), gradients=sum(g for _, g in counts), seconds=seconds,
+        examples=[e for p in parts for e in p[5]][:EXAMPLES],
     )

@@ -7,48 +7,17 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attacks import ATTACKS, FGSM, PGD, ThreatModel
 from harness import checks
 from harness.metrics import curves
 from harness.models import BoundedModel
+from tests.trick_models import AlwaysDropout, Quantized, SoftmaxHead
 
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-class Quantized(nn.Module):
-    """Input quantization to 1/4 steps before the network: its gradient is zero almost everywhere."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.round(x * 4) / 4)
-
-
-class AlwaysDropout(nn.Module):
-    """Dropout that stays on whatever the mode (F.dropout with training=True): a randomized model."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(F.dropout(x, p=0.5, training=True))
-
-
-class SoftmaxHead(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).softmax(dim=1)
 
 
 def survivors(model, x, y, eps: float, suite) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from harness.cli import cli as group
 
 SPEC_KEYS = {"schema_version", "name", "passed", "verdict", "metrics", "gates", "attacks", "probes", "defenses", "checks", "provenance"}
-ADDED_KEYS = {"on_inconclusive", "intervals"}  # issue 4: the policy for inconclusive gates, a 95% CI per accuracy
+ADDED_KEYS = {"on_inconclusive", "intervals", "classes", "examples"}  # issue 4: inconclusive policy, 95% CIs; issue 5: per class, example images
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,9 @@ def test_default_run_outputs(default_run):
     assert set(attack) >= {"id", "name", "backend", "norm", "epsilon", "robust_accuracy", "attack_success_rate", "n", "seconds"}
     assert attack["id"] == "fgsm-linf" and attack["epsilon"] == "0.025" and attack["backend"] == "native"
     prov = card["provenance"]
-    assert len(prov["model_sha256"]) == 64 and len(prov["dataset_sha256"]) == 64 and len(prov["config_sha256"]) == 64
+    assert all(len(prov[k]) == 64 for k in ("model_sha256", "dataset_sha256", "config_sha256", "suite_sha256"))
+    assert [a["role"] for a in prov["artifacts"]] == ["weights"]  # the cached builtin model the run loaded
+    assert set(prov["outputs"]) == {"report.html", "junit.xml", "summary.md", "outcomes.json"}
     assert prov["seed"] == 0 and prov["device"] == "cpu" and prov["versions"]["torch"] and prov["duration_s"] > 0
     suites = ET.parse(out / "junit.xml").getroot()
     gates_suite = suites.find("testsuite")

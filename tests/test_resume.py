@@ -149,3 +149,16 @@ def test_an_attack_that_runs_out_of_memory_still_finishes_with_a_memory_warning(
     memory = [c for c in card.checks if c["name"] == "memory"]
     assert memory and memory[0]["status"] == "warn" and "16 sample(s)" in memory[0]["detail"]
     assert card.attacks[0]["n_attacked"] == round(card.metrics["clean_accuracy"] * 120)
+
+
+def test_results_get_the_mode_a_new_file_would(tmp_path):
+    import os
+
+    from harness.files import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
