@@ -17,13 +17,11 @@ __all__ = ["run", "gate", "compare", "Scorecard", "BadInput", "RunFailed", "__ve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import run
-    from .compare import compare
+    from .comparison import compare
     from .errors import BadInput, RunFailed
     from .scorecard import Scorecard
 
-# harness.compare is also a submodule: once imported, the package attribute is that module, which
-# is callable as the function (see harness/compare.py), so both spellings keep working.
-_LAZY = {"run": ".api", "compare": ".compare", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
+_LAZY = {"run": ".api", "compare": ".comparison", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
 
 
 def __getattr__(name: str) -> Any:

@@ -232,7 +232,7 @@ def compare_(scorecards: tuple[Path, ...], out: Optional[Path], labels: tuple[st
     Each SCORECARD is a scorecard.json or its directory; the first is the reference. Exit 0 when
     compared (a comparison is not a gate), 2 when the scorecards cannot be compared.
     """
-    from .compare import compare
+    from .comparison import compare
 
     out = out or REPORTS / f"compare-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.html"
     comparison = compare(*scorecards, labels=list(labels) or None, out=out)

@@ -117,7 +117,7 @@ def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]]) -> str:
     names = sorted(lines, key=lambda k: (k == "worst", k))
     shown = {k: "worst case" if k == "worst" else (k if len(k) <= _LEGEND_CHARS else k[:_LEGEND_CHARS - 1] + "…") for k in names}
     left, top, bottom, plot_w = 58, 34, 50, 380
-    right = min(280, max(110, 36 + 7 * max((len(s) for s in shown.values()), default=0)))
+    right = round(min(300, max(110, 52 + 7.2 * max((len(s) for s in shown.values()), default=0))))  # legend: sample + text
     w, h = left + plot_w + right, max(300, top + 40 + 18 * len(names))
     plot_h = h - top - bottom
     xmax = max((x for pts in lines.values() for x, _ in pts), default=0.0)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import harness
-from harness.compare import Comparison, compare_records
+from harness.comparison import Comparison, compare_records
 from harness.errors import BadInput
 from harness.scorecard import Scorecard
 
@@ -128,6 +128,7 @@ def test_one_column_per_version_with_shared_metrics_and_deltas(pair, runs):
     for m in ("clean_accuracy", WORST):
         assert weak.metrics[m] < strong.record["intervals"][m][0]
         assert "regression" in rows[m][2][1].split() and "worse" in rows[m][2][2]
+    assert json.loads(json.dumps(pair.record, allow_nan=False)) == pair.record  # the record is plain data
     record_rows = {r["metric"]: r for r in pair.record["metrics"]}
     assert record_rows["clean_accuracy"]["status"] == [None, "regression"]
     assert pair.record["versions"][1]["regressions"] == sum(r["status"][1] == "regression" for r in record_rows.values()) >= 2
@@ -183,6 +184,8 @@ def test_curves_overlay_both_versions_per_norm(pair):
 
 
 def test_flips_match_the_outcomes_files(pair, runs):
+    from scipy.stats import binomtest
+
     ids_a, flags_a, labels_a = _decode(runs["strong"])
     ids_b, flags_b, _ = _decode(runs["weak"])
     assert (ids_a == ids_b).all()  # the same 100 samples
@@ -195,11 +198,15 @@ def test_flips_match_the_outcomes_files(pair, runs):
         assert (row["n_pairs"], row["robust_to_broken"], row["broken_to_robust"]) == (ids_a.size, int(lost.sum()), int(gained.sum()))
         assert {r["class"]: (r["lost"], r["gained"]) for r in row["by_class"]} == {
             int(c): (int((lost & (labels_a == c)).sum()), int((gained & (labels_a == c)).sum())) for c in np.unique(labels_a)}
+        discordant = int(lost.sum() + gained.sum())
+        if discordant:  # exact McNemar: the smaller discordant count against Binomial(D, 1/2), two-sided
+            assert row["p_value"] == pytest.approx(binomtest(int(lost.sum()), discordant, 0.5).pvalue, rel=1e-9)
     worst = got[WORST]
     assert worst["robust_to_broken"] > worst["broken_to_robust"] and worst["p_value"] < 0.05
     table = _parse(pair.to_html()).tables["flips"]
     row = next(r for r in table if r[0][2] == WORST)
-    assert [c[2] for c in row[1:4]] == [str(ids_a.size), str(worst["robust_to_broken"]), str(worst["broken_to_robust"])]
+    assert [c[2] for c in row[1:5]] == [str(ids_a.size), str(worst["robust_to_broken"]), str(worst["broken_to_robust"]),
+                                        f"{worst['p_value']:.2g}"]
 
 
 def test_flips_need_outcomes_on_both_sides(runs, tmp_path):
@@ -312,9 +319,9 @@ def test_the_page_is_self_contained(pair, tmp_path):
 
 
 def test_notebook_display(runs):
-    import harness.compare as module  # importing the module must not break harness.compare(a, b)
+    import harness.comparison  # noqa: F401  (importing the module must not shadow harness.compare)
 
-    for comparison in (harness.compare(runs["strong"], runs["weak"]), module(runs["strong"], runs["weak"])):
+    for comparison in (harness.compare(runs["strong"], runs["weak"]),):
         assert isinstance(comparison, Comparison)
         snippet = comparison._repr_html_()
         assert "<html" not in snippet and "<!DOCTYPE" not in snippet

@@ -11,8 +11,6 @@ or measured on different data, or sharing no metric beyond clean accuracy, are r
 
 from __future__ import annotations
 
-import sys
-import types
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -116,7 +114,8 @@ def _metric_rows(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> tu
     for m in order:
         have = [i for i, v in enumerate(values) if m in v]
         if len(have) < len(values):
-            partial.append({"metric": m, "in": [labels[i] for i in have], "missing": [labels[i] for i in range(len(values)) if i not in have]})
+            missing = [labels[i] for i in range(len(values)) if i not in have]
+            partial.append({"metric": m, "in": [labels[i] for i in have], "missing": missing})
             continue
         ref = values[0][m]
         interval = ref_iv.get(m) if DIRECTION.get(_family(m)) is not None else None
@@ -301,6 +300,7 @@ def _render(record: dict[str, Any], compact: bool) -> str:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = lambda v, d=4: "–" if v is None else f"{v:.{d}f}" if isinstance(v, float) else str(v)
     env.filters["delta"] = lambda v, d=4: "–" if v is None else f"{v:+.{d}f}".replace("-", "−")
+    env.filters["pvalue"] = lambda p: f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
     charts = [(norm, Markup(curve_svg(norm, {k: [tuple(p) for p in pts] for k, pts in lines.items()})))
               for norm, lines in record["curves"].items()]
     return env.get_template("compare.html.j2").render(c=record, charts=charts, compact=compact)
@@ -322,15 +322,3 @@ def compare(*cards: CardLike, labels: Optional[Sequence[str]] = None, out: Optio
     if out is not None:
         comparison.save(out)
     return comparison
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this module binds `harness.compare` to it, in place of the function of that name the
-    package exposes; calling the module calls the function, so `harness.compare(a, b)` keeps working."""
-
-    def __call__(self, *cards: CardLike, labels: Optional[Sequence[str]] = None,
-                 out: Optional[Union[str, Path]] = None) -> Comparison:
-        return compare(*cards, labels=labels, out=out)
-
-
-sys.modules[__name__].__class__ = _CallableModule
