@@ -43,13 +43,15 @@ def _missing() -> str | None:
     return None
 
 
+MISSING = _missing()
+REQUIRED = os.environ.get("HARNESS_BROWSER_TESTS") == "require"
+pytestmark = pytest.mark.skipif(MISSING is not None and not REQUIRED, reason=MISSING or "")
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    missing = _missing()
-    if missing:
-        if os.environ.get("HARNESS_BROWSER_TESTS") == "require":
-            pytest.fail(f"browser tests required but cannot run: {missing}", pytrace=False)
-        pytest.skip(missing)
+    if MISSING:
+        pytest.fail(f"HARNESS_BROWSER_TESTS=require, but the browser tests cannot run: {MISSING}", pytrace=False)
     from playwright.sync_api import sync_playwright
 
     pw = sync_playwright().start()
@@ -153,11 +155,20 @@ def assert_verdict_visible(page: Any, verdict: str) -> None:
     assert any(b is not None and b["y"] < 400 for b in boxes), f"no visible {verdict!r} in the page's first 400 px: {boxes}"
 
 
+# The elements that stick out past the viewport, outermost first: what to fix when a page overflows.
+_WIDE_JS = """() => {
+  const clipped = e => { for (let a = e.parentElement; a; a = a.parentElement)
+    if (['auto', 'scroll', 'hidden', 'clip'].includes(getComputedStyle(a).overflowX)) return true; return false; };
+  const out = e => e.getBoundingClientRect().right > window.innerWidth + 1 && !clipped(e);
+  return [...document.body.querySelectorAll('*')].filter(e => out(e) && !(e.parentElement && out(e.parentElement)))
+  .slice(0, 5).map(e => `<${e.tagName.toLowerCase()} class="${e.getAttribute('class') || ''}"> ${Math.round(e.getBoundingClientRect().right)} px`); }"""
+
+
 def assert_fits(page: Any) -> None:
     for width in WIDTHS:
         page.set_viewport_size({"width": width, "height": 900})
         scroll, inner = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
-        assert scroll <= inner + 1, f"horizontal overflow at {width} px: the page is {scroll} px wide"
+        assert scroll <= inner + 1, f"horizontal overflow at {width} px: the page is {scroll} px wide; {page.evaluate(_WIDE_JS)}"
     page.set_viewport_size({"width": WIDTHS[0], "height": 900})
 
 
