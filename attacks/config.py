@@ -8,10 +8,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from .base import ATTACKS, attack_params
 
-__all__ = ["build_attack"]
+__all__ = ["build_attack", "validated"]
 
 
-def _validated(cls: type, params: dict[str, Any], what: str):
+def validated(cls: type, params: dict[str, Any], what: str):
+    """An instance of the dataclass `cls` from config knobs; ValueError naming `what` and the valid knobs."""
     fields = attack_params(cls)
     for key in params:
         if key not in fields:
@@ -45,5 +46,5 @@ def build_attack(name: str, norm: str, backend: str, params: dict[str, Any]):
     if norm not in cls.norms:
         raise ValueError(f"attack {name!r} does not support norm {norm!r} (valid: {', '.join(cls.norms)})")
     if backend == "native":
-        return _validated(cls, params, f"attack {name!r}")
-    return _validated(ADAPTERS.get(backend), {"attack": name, **params}, f"{backend} attack {name!r}")
+        return validated(cls, params, f"attack {name!r}")
+    return validated(ADAPTERS.get(backend), {"attack": name, **params}, f"{backend} attack {name!r}")

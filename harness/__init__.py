@@ -13,15 +13,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["run", "gate", "compare", "Scorecard", "BadInput", "RunFailed", "__version__"]
+__all__ = ["run", "gate", "compare", "harden", "Scorecard", "BadInput", "RunFailed", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import run
+    from defenses.training import harden
+
     from .comparison import compare
     from .errors import BadInput, RunFailed
     from .scorecard import Scorecard
 
-_LAZY = {"run": ".api", "compare": ".comparison", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
+_LAZY = {"run": ".api", "compare": ".comparison", "harden": "defenses.training", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
 
 
 def __getattr__(name: str) -> Any:

@@ -129,6 +129,11 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     if data is None:
         artifacts += [a for a in [data_artifact(cfg.data.source, base, split=cfg.data.split)] if a]
     artifacts += [a for a in [config_artifact(config)] if a]
+    for d in cfg.defenses:
+        if d.weights:
+            from .provenance import artifact
+
+            artifacts.append(artifact(f"weights:{d.defense_id}", base / d.weights if not Path(d.weights).is_absolute() else Path(d.weights)))
     provenance: dict[str, Any] = {
         **{k: v for k, v in model_info.items() if k != "source"},
         "model_source": model_info["source"],
@@ -147,13 +152,16 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
         "artifacts": artifacts,
     }
 
-    def record_of(ev) -> dict[str, Any]:
+    def record_of(ev, defended: Optional[tuple] = None, probed: Optional[tuple] = None) -> dict[str, Any]:
         from .images import class_records, example_records
         from .metrics import metric_counts, metric_id, metric_intervals
 
+        records, extra_metrics, extra_checks = defended or ([], {}, [])
+        probe_records, probe_metrics = probed or ([], {})
+        extra_metrics = {**extra_metrics, **probe_metrics}
         rec = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "passed": False, "verdict": "inconclusive", "on_inconclusive": cfg.on_inconclusive,
-               "metrics": ev.metrics(), "gates": [], "attacks": [r.record() for r in ev.results],
-               "probes": [], "defenses": [], "checks": list(ev.checks),
+               "metrics": {**ev.metrics(), **extra_metrics}, "gates": [], "attacks": [r.record() for r in ev.results],
+               "probes": probe_records, "defenses": records, "checks": [*ev.checks, *extra_checks],
                "provenance": {**provenance, "duration_s": round(time.perf_counter() - t0, 3)}}
         rec["classes"] = class_records(ev, ds.y, cfg.model.num_classes)
         rec["examples"] = example_records(ev, ds)
@@ -171,18 +179,19 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     state = Path(out) / STATE_FILE if out is not None else None
     print_ = fingerprint(json.loads(config_json), provenance.get("model_sha256", ""), provenance["dataset_sha256"], provenance["versions"].get("harness", ""))
     done: dict = {}
+    probes_done: dict[str, dict] = {}
     if resume:
         if state is None:
             note = "resume needs an output directory (out=) holding a saved run: starting from the beginning"
         else:
-            done, note = load_state(state, print_, len(ds), cfg.attacks)
+            done, probes_done, note = load_state(state, print_, len(ds), cfg.attacks)
         provenance["resume"] = note
         _say(note)
 
     def save_partial(ev) -> None:
         if partial is not None:
             state.parent.mkdir(parents=True, exist_ok=True)
-            save_state(state, print_, len(ds), ev.results)
+            save_state(state, print_, len(ds), ev.results, probes_done)
             write_text_atomic(partial, Scorecard({**record_of(ev), "passed": False, "verdict": "inconclusive"}).to_json())
 
     try:
@@ -198,7 +207,56 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     from .outcomes import Outcomes
 
     # rejudged with the per-sample outcomes, so max_drop against a baseline is a paired test
-    card = Scorecard(record_of(ev), Outcomes.from_evaluation(ev, ds.ids, ds.y)).rejudge(cfg.gates, base_card)
+    defended = None
+    if cfg.defenses:
+        from .variants import evaluate_defenses
+
+        def run_suite(variant, label: str):
+            return evaluate(variant, ds, cfg.attacks, devices, cfg.data.batch_size, cfg.seed, cfg.model.num_classes,
+                            show_progress=show_progress, cascade=cfg.cascade)
+
+        def load_variant(weights: str):
+            return load_model(cfg.model.source, weights, cfg.model.num_classes, pre.mean, pre.std, cfg.model.kwargs, base)[0]
+
+        try:
+            defended = evaluate_defenses(cfg, wrapped, ds, devices, ev, run_suite, load_variant)
+        except (BadInput, RunFailed):
+            raise
+        except KeyboardInterrupt:
+            raise RunFailed(f"interrupted while evaluating defenses; the undefended results are in {partial}" if partial else "interrupted") from None
+    probed = None
+    if cfg.probes:
+        from .probes import evaluate_probes
+
+        def train_loader():
+            from defenses.training import train_plan
+
+            from .data import load_data
+
+            plan = train_plan(cfg)
+            return load_data(plan.data.source or cfg.data.source, plan.data.split, plan.data.limit, cfg.seed, base, cfg.data.image_size)
+
+        def make_model(fine_tune: bool):
+            from defenses.training import _reinitialize
+
+            fresh = load_model(cfg.model.source, cfg.model.weights, cfg.model.num_classes, pre.mean, pre.std, cfg.model.kwargs, base)[0]
+            if not fine_tune:
+                _reinitialize(fresh.net, cfg.seed)
+            return fresh.to(devices[0])
+
+        def probe_done(unit: str, rec: dict) -> None:
+            probes_done[unit] = rec
+            save_partial(ev)
+
+        try:
+            probed = evaluate_probes(cfg, wrapped, ds, train_loader, make_model, devices[0], None if out is None else Path(out),
+                                     probes_done, probe_done)
+        except (BadInput, RunFailed):
+            raise
+        except KeyboardInterrupt:
+            raise RunFailed(f"interrupted while running probes; finished results are in {partial} (`harness run ... --resume` continues)"
+                            if partial else "interrupted") from None
+    card = Scorecard(record_of(ev, defended, probed), Outcomes.from_evaluation(ev, ds.ids, ds.y)).rejudge(cfg.gates, base_card)
     if out is not None:
         card.save(out)
         if state.exists():

@@ -253,6 +253,52 @@ def validate(config: Path) -> None:
     click.echo(f"{config}: valid ({len(cfg.attacks)} attack(s), {len(cfg.gates)} gate(s), {len(cfg.metric_ids())} metric(s))")
 
 
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--defense", required=True, help="A training defense: pgd-at, trades or fast-at (see `harness list defenses`).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The weights to write (.safetensors); the training log goes beside them, to WEIGHTS.log.json.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override train.epochs.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [default: the config's device; training uses the first].")
+@click.option("--resume", is_flag=True, help="Continue from WEIGHTS.ckpt, the checkpoint of the last finished epoch.")
+@_guard
+def harden(config: Path, defense: str, out: Path, epochs: Optional[int], device: Optional[str], resume: bool) -> None:
+    """Adversarially train the config's model; write its weights.
+
+    The config's `train:` section says how to train (a builtin model brings its own recipe) and
+    `train.defense.NAME` holds the defense's knobs (norm, epsilon, steps, ...). Writes WEIGHTS
+    (safetensors), WEIGHTS.log.json (clean and PGD robust accuracy per epoch on held-out training
+    samples) and, after every epoch, WEIGHTS.ckpt. Ctrl-C or SIGTERM stops it with exit 3 keeping the
+    checkpoint; --resume continues. Evaluate the result with `harness run` and
+    `model: {source: ..., weights: WEIGHTS}` in a config.
+    """
+    import json
+
+    from .config import load_config
+    from .devices import parse_devices
+
+    load_config(config)  # a bad config fails here, before torch loads
+    if device is not None:
+        parse_devices(device)
+    from defenses.training import harden as harden_model
+
+    try:
+        with _sigterm_as_interrupt():
+            path = harden_model(config, defense, out, resume=resume, device=device, epochs=epochs,
+                                notify=lambda text: click.echo(f"harness: {text}", err=True))
+    except KeyboardInterrupt:  # outside the epochs (harden maps one during them to RunFailed)
+        raise RunFailed("interrupted before training started") from None
+    log = json.loads(Path(f"{path}.log.json").read_text(encoding="utf-8"))
+    first, kept = log["epochs"][0], log["epochs"][log["kept_epoch"]]
+    chk = log["check"]
+    click.echo(f"{defense}: {len(log['epochs']) - 1} epoch(s), kept epoch {log['kept_epoch']}"
+               + (f" ({log['stopped']})" if log["stopped"] else ""))
+    click.echo(f"  on {chk['samples']} held-out training samples: clean accuracy {first['clean_accuracy']:.4f} -> "
+               f"{kept['clean_accuracy']:.4f}, PGD-{chk['steps']} robust accuracy at {chk['norm']} {chk['epsilon']} "
+               f"{first['robust_accuracy']:.4f} -> {kept['robust_accuracy']:.4f}")
+    click.echo(f"outputs: {path} and {path}.log.json")
+
+
 @cli.command("list")
 @click.argument("kind", required=False, type=click.Choice(LIST_KINDS))
 def list_(kind: Optional[str]) -> None:
@@ -284,6 +330,19 @@ def _listing(kind: str) -> list[str]:
         from .data import dataset_choices
 
         return dataset_choices()
+    if kind == "defenses":
+        import dataclasses
+
+        from defenses import DEFENSES
+
+        lines, width = [], max((len(n) for n in DEFENSES.names()), default=0)
+        for name, obj in DEFENSES.items():
+            fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ()
+            knobs = ", ".join(f"{f.name}={f.default!r}" for f in fields if f.default is not dataclasses.MISSING)
+            first = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())  # the docstring's first sentence
+            summary = re.split(r"(?<=\.)\s+(?=[A-Z])", first)[0]
+            lines.append(f"{name:<{width}}  {getattr(obj, 'kind', ''):<13} {knobs}    {summary}")
+        return lines
     return ["(none in this version)"]
 
 

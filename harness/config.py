@@ -20,7 +20,7 @@ from typing_extensions import Annotated
 
 from .errors import BadInput
 
-__all__ = ["Epsilon", "Config", "ModelConfig", "DataConfig", "AttackConfig", "GateConfig", "load_config", "parse_config", "DEFAULT_CONFIG_PATH"]
+__all__ = ["Epsilon", "Config", "ModelConfig", "DataConfig", "AttackConfig", "GateConfig", "TrainConfig", "load_config", "parse_config", "DEFAULT_CONFIG_PATH"]
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.yaml")
 BACKENDS = ("native", "foolbox", "art")
@@ -210,6 +210,104 @@ class AttackConfig(Strict):
         return build_attack(self.name, self.norm, self.backend, self.params)
 
 
+class DefenseConfig(Strict):
+    """One `defenses:` entry: a registered defense (`harness list defenses`) and its knobs.
+
+    Trained defenses (pgd-at, trades, fast-at) name the `weights` that `harness harden` wrote; a
+    preprocessing defense is a wrapper evaluated naively and adaptively; a detector is judged by its
+    detection rate at the false-positive rate `fpr`.
+    """
+
+    name: str
+    id: Optional[str] = None
+    weights: Optional[str] = None
+    fpr: float = Field(default=0.05, gt=0, lt=1)
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_params(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "params" not in data:
+            return {**{k: v for k, v in data.items() if k in cls.model_fields},
+                    "params": {k: v for k, v in data.items() if k not in cls.model_fields}}
+        return data
+
+    @model_validator(mode="after")
+    def _defense_exists(self) -> "DefenseConfig":
+        from .variants import defense_kind
+
+        kind = defense_kind(self.build())  # validates the name and knobs before any model loads
+        if kind == "trained" and not self.weights:
+            raise ValueError(f"defense {self.name!r} is a trained model: give the `weights` that "
+                             f"`harness harden CONFIG --defense {self.name} --out WEIGHTS` wrote")
+        if kind != "trained" and self.weights:
+            raise ValueError(f"defense {self.name!r} takes no `weights` (only trained defenses do)")
+        return self
+
+    @property
+    def defense_id(self) -> str:
+        return self.id or self.name
+
+    def build(self):
+        from attacks.config import validated
+
+        from defenses import DEFENSES
+
+        if self.name not in DEFENSES:
+            raise ValueError(f"unknown defense {self.name!r} (valid: {', '.join(DEFENSES.names()) or 'none'})")
+        return validated(DEFENSES.get(self.name), self.params, f"defense {self.name!r}")
+
+
+class ProbeConfig(Strict):
+    """One `probes:` entry: a poisoning probe over `fractions` (badnets, clean-label, label-flip; with
+    optional `scans` of what it planted), or a scan on its own (activation-clustering,
+    spectral-signatures of the training data; neural-cleanse of the model). See harness.probes."""
+
+    name: str
+    id: Optional[str] = None
+    fractions: list[EpsilonField] = []
+    scans: list[Literal["activation-clustering", "spectral-signatures", "neural-cleanse"]] = []
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_params(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "params" not in data:
+            return {**{k: v for k, v in data.items() if k in cls.model_fields},
+                    "params": {k: v for k, v in data.items() if k not in cls.model_fields}}
+        return data
+
+    @model_validator(mode="after")
+    def _probe_exists(self) -> "ProbeConfig":
+        from .probes import SCANS
+
+        if self.name in SCANS:
+            if self.fractions or self.scans:
+                raise ValueError(f"{self.name!r} scans the configured model or data: it takes no `fractions` or `scans`")
+            return self
+        self.build()  # the name and knobs, before any model loads
+        if not self.fractions:
+            raise ValueError(f"probe {self.name!r} needs `fractions` (poisoning fractions, e.g. [0.01, 0.05, 0.1])")
+        bad = [f.label for f in self.fractions if not 0.0 <= f.value < 1.0]
+        if bad:
+            raise ValueError(f"poisoning fractions must be in [0, 1), got {', '.join(bad)}")
+        return self
+
+    @property
+    def probe_id(self) -> str:
+        return self.id or self.name
+
+    def build(self):
+        from attacks.config import validated
+        from attacks.poisoning import PROBES
+
+        from .probes import SCANS
+
+        if self.name not in PROBES:
+            raise ValueError(f"unknown probe {self.name!r} (valid: {', '.join(PROBES.names() + list(SCANS))})")
+        return validated(PROBES.get(self.name), self.params, f"probe {self.name!r}")
+
+
 CORRUPTION_KINDS = ("gaussian-noise", "blur", "brightness", "contrast")
 
 
@@ -252,6 +350,70 @@ class GateConfig(Strict):
         return self
 
 
+class TrainDataConfig(Strict):
+    """`train.data`: where training examples come from (default: the suite's data source, split train)."""
+
+    source: Optional[str] = None
+    split: Literal["train", "test"] = "train"
+    limit: Optional[int] = Field(default=None, ge=2)
+    batch_size: Optional[int] = Field(default=None, ge=1)  # default: train.batch_size
+    holdout: Optional[int] = Field(default=None, ge=1)  # kept out of training for the per-epoch PGD check; default 10%, at most 1000
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: Optional[str]) -> Optional[str]:
+        from .data import check_source
+
+        if v is not None:
+            _reraise(check_source, v)
+        return v
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # sgd only
+    weight_decay: float = Field(default=5e-4, ge=0)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["none", "cosine", "step", "onecycle"] = "cosine"
+    milestones: list[Annotated[int, Field(ge=1)]] = []  # step: epochs after which lr is multiplied by gamma
+    gamma: float = Field(default=0.1, gt=0)  # step
+    pct_start: float = Field(default=0.4, gt=0, lt=1)  # onecycle: the fraction of training spent rising to lr
+
+
+class TrainConfig(Strict):
+    """`train:`, read by `harness harden`: how to train, and each training defense's knobs under
+    `defense` (e.g. `defense: {pgd-at: {epsilon: 0.2, steps: 10}}`). A builtin model brings its own
+    recipe; the keys given here override it."""
+
+    data: TrainDataConfig = TrainDataConfig()
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    amp: bool = False  # mixed precision while training, on CUDA only; evaluation never uses it
+    seed: Optional[int] = None  # default: the config's seed
+    start: Literal["model", "scratch"] = "model"  # the model as loaded (its weights), or freshly initialized
+    defense: dict[str, dict[str, Any]] = {}
+
+    @field_validator("defense")
+    @classmethod
+    def _knobs(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from defenses.training import build_defense
+
+        for name, knobs in v.items():
+            build_defense(name, knobs)  # ValueError naming the knob and the valid ones
+        return v
+
+    @model_validator(mode="after")
+    def _one_batch_size(self) -> "TrainConfig":
+        if "batch_size" in self.model_fields_set and self.data.batch_size not in (None, self.batch_size):
+            raise ValueError(f"batch_size is {self.batch_size} but data.batch_size is {self.data.batch_size}: set one")
+        return self
+
+
 class Config(Strict):
     name: str = "suite"
     seed: int = 0
@@ -260,17 +422,11 @@ class Config(Strict):
     data: DataConfig = DataConfig()
     attacks: list[AttackEntry] = []
     cascade: bool = True  # within a norm and epsilon, later attacks run only on points still robust
-    probes: list[dict[str, Any]] = []
-    defenses: list[dict[str, Any]] = []
+    probes: list[ProbeConfig] = []
+    defenses: list[DefenseConfig] = []
     gates: list[GateConfig] = []
     on_inconclusive: Literal["fail", "pass"] = "fail"  # a gate whose threshold lies inside its 95% interval
-
-    @field_validator("probes", "defenses")
-    @classmethod
-    def _none_yet(cls, v: list, info) -> list:
-        if v:
-            raise ValueError(f"no {info.field_name} are available in this version (valid: none)")
-        return v
+    train: Optional[TrainConfig] = None  # `harness harden`
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

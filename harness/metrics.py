@@ -66,7 +66,30 @@ def suite_metric_ids(config) -> list[str]:
             ids.append(metric_id("attack_success_rate", a.attack_id, eps.label))
     for (norm, _), label in worst_groups(config.attacks, per_entry).items():
         ids.append(metric_id("robust_accuracy", f"worst-{norm}", label))
-    return ids
+    from .probes import probe_metric_ids
+
+    return ids + _defense_metric_ids(config, ids) + [m for p in getattr(config, "probes", []) for m in probe_metric_ids(p)]
+
+
+def _defense_metric_ids(config, base: list[str]) -> list[str]:
+    """The metric ids the `defenses:` entries add (see harness.variants)."""
+    if not getattr(config, "defenses", None):
+        return []
+    from .variants import _first_white_box, defense_kind, variant_subject
+
+    out: list[str] = []
+    for entry in config.defenses:
+        kind = defense_kind(entry.build())
+        if kind == "detector":
+            found = _first_white_box(config.attacks)
+            if found is not None:
+                cfg, _ = found
+                for eps in cfg.epsilons:
+                    out += [metric_id(f, f"{entry.defense_id}/{cfg.attack_id}", eps.label) for f in ("detection_rate", "auroc")]
+            continue
+        prefixes = [entry.defense_id] + ([f"{entry.defense_id}-naive"] if kind == "preprocessing" else [])
+        out += [v for p in prefixes for m in base for v in [variant_subject(p, m)] if v is not None]
+    return out
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -84,12 +107,22 @@ def metric_counts(card: dict[str, Any]) -> dict[str, int]:
     """The number of samples behind each fraction metric of a scorecard record."""
     n = int(card.get("provenance", {}).get("samples", 0))
     counts = {"clean_accuracy": n}
-    for a in card.get("attacks", []):
+    variants = [a for d in card.get("defenses", []) for a in d.get("attacks", [])]
+    for a in [*card.get("attacks", []), *variants]:
         counts[metric_id("robust_accuracy", a["id"], a["epsilon"])] = int(a["n"])
         if a.get("norm") is not None:
             counts[metric_id("attack_success_rate", a["id"], a["epsilon"])] = int(a["n_attacked"])
+    for d in card.get("defenses", []):
+        if d.get("kind") != "detector":
+            counts[metric_id("clean_accuracy", d["id"])] = n
+    for p in card.get("probes", []):
+        if p.get("kind") == "probe":
+            if p.get("n_test"):
+                counts[metric_id("clean_accuracy", p["id"], p["fraction"])] = int(p["n_test"])
+            if p.get("n_triggered"):
+                counts[metric_id("attack_success_rate", p["id"], p["fraction"])] = int(p["n_triggered"])
     for m in card.get("metrics", {}):
-        if m.startswith("robust_accuracy:worst-"):
+        if m.startswith("robust_accuracy:worst-") or (m.startswith("robust_accuracy:") and "/worst-" in m):
             counts[m] = n
     return counts
 

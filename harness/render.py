@@ -279,6 +279,33 @@ def _table(records: Any) -> Optional[dict[str, Any]]:
     return {"columns": columns, "rows": [[_cell(r.get(k)) for k in columns] for r in rows]}
 
 
+def _defenses(record: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The undefended model and each defended variant side by side (clean accuracy and every robust
+    accuracy, with the change against the undefended model), and the detectors' figures."""
+    records = [d for d in record.get("defenses") or [] if isinstance(d, dict)]
+    if not records:
+        return None
+    if any("kind" not in d for d in records):  # not this harness's shape: show it as it is
+        return {"generic": _table(records)}
+    metrics = record.get("metrics") or {}
+    variants = [d for d in records if d.get("kind") != "detector"]
+    columns = [f"{d['id']}" + (f" ({d['mode']})" if d.get("mode") else "") for d in variants]
+    keys = ["clean_accuracy"] + sorted(m for m in metrics if m.startswith("robust_accuracy:") and "/" not in m.split(":", 1)[1])
+    rows = []
+    for key in keys:
+        base = metrics.get(key)
+        cells = []
+        for d in variants:
+            value = d.get("clean_accuracy") if key == "clean_accuracy" else (d.get("robust_accuracy") or {}).get(key)
+            delta = None if value is None or base is None else value - base
+            cells.append({"value": _num(value), "delta": None if delta is None else f"{delta:+.4f}",
+                          "kind": "" if delta is None or abs(delta) < 1e-12 else ("good" if delta > 0 else "bad")})
+        rows.append({"metric": key, "base": _num(base), "cells": cells})
+    detectors = [{"id": d["id"], **r} for d in records if d.get("kind") == "detector" for r in d.get("results") or []]
+    return {"columns": columns, "rows": rows, "detectors": detectors,
+            "naive": [d["id"] for d in variants if d.get("mode") == "naive"]}
+
+
 def _provenance(record: dict[str, Any]) -> dict[str, Any]:
     prov = record.get("provenance") or {}
     nested = ("versions", "artifacts", "outputs")
@@ -298,7 +325,7 @@ def report_html(record: dict[str, Any]) -> str:
     """report.html: one self-contained page (inline CSS, SVG and PNG; a CSP that forbids any load)."""
     ctx = _context(record)
     ctx.update(classes=_classes(record), examples=_examples(record), probes=_table(record.get("probes")),
-               defenses=_table(record.get("defenses")), provenance=_provenance(record),
+               defenses=_defenses(record), provenance=_provenance(record),
                stages=[a for a in record.get("attacks", []) if a.get("stages")])
     return _env().get_template("report.html.j2").render(**ctx)
 

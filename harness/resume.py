@@ -80,27 +80,30 @@ def _encode(r) -> dict[str, Any]:
     }
 
 
-def save_state(path: Path, print_: str, n: int, results: Sequence[Any]) -> None:
-    record = {"schema_version": _SCHEMA, "fingerprint": print_, "n": n, "results": [_encode(r) for r in results]}
+def save_state(path: Path, print_: str, n: int, results: Sequence[Any], probes: Optional[dict[str, dict]] = None) -> None:
+    """Every finished attack unit (`results`) and probe unit (`probes`: unit -> its plain record)."""
+    record = {"schema_version": _SCHEMA, "fingerprint": print_, "n": n, "results": [_encode(r) for r in results],
+              "probes": probes or {}}
     write_text_atomic(path, json.dumps(record, allow_nan=False))
 
 
-def load_state(path: Path, print_: str, n: int, attacks: Sequence[Any]) -> tuple[dict[str, list[Any]], str]:
-    """The finished units of a saved run ({unit: [AttackResult]}) and a line saying what was found.
+def load_state(path: Path, print_: str, n: int, attacks: Sequence[Any]) -> tuple[dict[str, list[Any]], dict[str, dict], str]:
+    """The finished units of a saved run ({unit: [AttackResult]}, {probe unit: record}) and a line
+    saying what was found.
 
     A missing, unreadable or foreign state (another fingerprint) gives no units: the run starts
     over, and the line says why."""
     from .runner import AttackResult
 
     if not path.exists():
-        return {}, f"nothing to resume in {path.parent}: starting from the beginning"
+        return {}, {}, f"nothing to resume in {path.parent}: starting from the beginning"
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("schema_version") != _SCHEMA:
             raise ValueError(f"unsupported schema_version {record.get('schema_version')!r}")
         if record.get("fingerprint") != print_ or record.get("n") != n:
-            return {}, (f"the saved work in {path} was made with another config, model or data (fingerprint differs): "
-                        "it is set aside and the run starts over")
+            return {}, {}, (f"the saved work in {path} was made with another config, model or data (fingerprint differs): "
+                            "it is set aside and the run starts over")
         done: dict[str, list[Any]] = {}
         for rec in record["results"]:
             index = int(rec["unit"].split("|", 1)[0])
@@ -112,7 +115,10 @@ def load_state(path: Path, print_: str, n: int, attacks: Sequence[Any]) -> tuple
                              examples=[(int(e["sample"]), _unfloats(e["input"], math.prod(e["shape"])).view(*e["shape"]), int(e["prediction"]))
                                        for e in rec.get("examples", [])])
             done.setdefault(r.unit, []).append(r)
+        probes = record.get("probes", {})
+        if not isinstance(probes, dict):
+            raise ValueError("probes must be an object")
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        return {}, f"the saved work in {path} cannot be read ({type(e).__name__}: {e}): the run starts over"
-    units = sum(len(v) for v in done.values())
-    return done, f"resuming from {path.parent}: {units} finished result(s) reused"
+        return {}, {}, f"the saved work in {path} cannot be read ({type(e).__name__}: {e}): the run starts over"
+    units = sum(len(v) for v in done.values()) + len(probes)
+    return done, probes, f"resuming from {path.parent}: {units} finished result(s) reused"

@@ -1,0 +1,192 @@
+"""The `probes:` section: poisoning probes over fractions, and scans of a training set or a model.
+
+Two kinds of entry:
+
+- a probe (`badnets`, `clean-label`, `label-flip`; `harness list probes`) over `fractions`: for
+  each, the training set is poisoned, a model trained with the config's recipe (`train:` over the
+  builtin model's own), and `attack_success_rate:<id>@<fraction>` (triggered test samples of other
+  classes classified as the target) and `clean_accuracy:<id>@<fraction>` recorded. `scans:` on
+  the entry run on what the probe planted, so the scan's precision and recall are known:
+  `scan_precision:<id>/<scan>@<fraction>`, `scan_recall:...`, and for Neural Cleanse on the
+  poisoned model `anomaly_index:<id>/neural-cleanse@<fraction>`.
+- a scan on its own (`activation-clustering`, `spectral-signatures` over the configured training
+  data with the config's model; `neural-cleanse` of the config's model): flagged sample ids go to
+  a file beside the scorecard; `flagged_fraction:<scan>` or `anomaly_index:neural-cleanse`.
+
+Each probe fraction is a unit of the run's saved state: an interrupted run resumes after the last
+finished one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import BadInput
+
+__all__ = ["SCANS", "probe_metric_ids", "evaluate_probes"]
+
+SCANS = ("activation-clustering", "spectral-signatures", "neural-cleanse")
+NEURAL_CLEANSE_THRESHOLD = 2.0
+
+
+def probe_metric_ids(entry) -> list[str]:
+    """The metric ids one `probes:` entry produces (for validating gates before anything runs)."""
+    from .metrics import metric_id
+
+    if entry.name in SCANS:
+        return [metric_id("anomaly_index", "neural-cleanse")] if entry.name == "neural-cleanse" else [metric_id("flagged_fraction", entry.probe_id)]
+    ids = []
+    for f in entry.fractions:
+        if entry.name != "label-flip":
+            ids.append(metric_id("attack_success_rate", entry.probe_id, f.label))
+        ids += [metric_id("clean_accuracy", entry.probe_id, f.label)]
+        if entry.name == "label-flip":
+            ids.append(metric_id("clean_accuracy_cost", entry.probe_id, f.label))
+        for scan in entry.scans:
+            subject = f"{entry.probe_id}/{scan}"
+            ids += ([metric_id("anomaly_index", subject, f.label)] if scan == "neural-cleanse"
+                    else [metric_id("scan_precision", subject, f.label), metric_id("scan_recall", subject, f.label)])
+    return ids
+
+
+def _scan_training_set(scan: str, model, x: torch.Tensor, y: torch.Tensor, poisoned_ids, params: dict) -> dict[str, Any]:
+    from attacks import scans
+
+    feats = scans.penultimate(model, x)
+    if scan == "activation-clustering":
+        flagged = scans.activation_clustering(feats, y, **params)
+    else:
+        flagged = scans.spectral_signatures(feats, y, **params)
+    mask = flagged[0] if isinstance(flagged, tuple) else flagged
+    return scans.scan_report(mask, poisoned_ids)
+
+
+def _neural_cleanse(model, x, y, num_classes: int, params: dict) -> dict[str, Any]:
+    from attacks import scans
+
+    from .images import png_base64
+
+    res = scans.neural_cleanse(model, x, y, num_classes=num_classes, **params)
+    out = {k: v for k, v in res.items() if not isinstance(v, torch.Tensor)}
+    for key in ("mask", "pattern"):
+        t = res.get(key)
+        if isinstance(t, torch.Tensor):
+            img = t.detach().float().cpu()
+            out[key] = png_base64(img if img.dim() == 3 else img.unsqueeze(0))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_model: Callable[[bool], Any], device, out: Optional[Path],
+                    done: dict[str, dict], emit: Callable[[str, dict], None]) -> tuple[list[dict], dict[str, float]]:
+    """Every `probes:` entry: (scorecard records, metrics). `train_loader()` gives the training Data,
+    `make_model(fine_tune)` a model to poison-train (the config's weights, or freshly initialized);
+    units in `done` (a resumed run) are reused; `emit(unit, record)` saves each as it finishes."""
+    from attacks.poisoning import PROBES
+
+    from .files import write_text_atomic
+    from .metrics import metric_id
+
+    records: list[dict] = []
+    metrics: dict[str, float] = {}
+    train = None
+    num_classes = int(max(int(test.y.max()), 0) + 1)
+    for i, entry in enumerate(cfg.probes):
+        if entry.name in SCANS:
+            unit = f"probe|{i}|{entry.probe_id}"
+            rec = done.get(unit)
+            if rec is None:
+                t0 = time.perf_counter()
+                if entry.name == "neural-cleanse":
+                    res = _neural_cleanse(model, test.x.to(device), test.y.to(device), num_classes, entry.params)
+                    flagged = bool(res.get("anomaly_index", 0) > NEURAL_CLEANSE_THRESHOLD)
+                    rec = {"id": entry.probe_id, "name": entry.name, "kind": "model-scan", **_plain(res), "flagged": flagged,
+                           "seconds": round(time.perf_counter() - t0, 3)}
+                    metrics_of = {metric_id("anomaly_index", "neural-cleanse"): rec.get("anomaly_index")}
+                else:
+                    train = train if train is not None else train_loader()
+                    report = _scan_training_set(entry.name, model, train.x.to(device), train.y.to(device), None, entry.params)
+                    ids = [int(train.ids[j]) for j in report.get("flagged_ids", [])]
+                    if out is not None:
+                        write_text_atomic(Path(out) / "scans" / f"{entry.probe_id}.json", _json({"scan": entry.name, "flagged_ids": ids}))
+                    rec = {"id": entry.probe_id, "name": entry.name, "kind": "data-scan", "n": len(train),
+                           "n_flagged": len(ids), "flagged_fraction": len(ids) / max(1, len(train)),
+                           "flagged_file": f"scans/{entry.probe_id}.json", "seconds": round(time.perf_counter() - t0, 3)}
+                    metrics_of = {metric_id("flagged_fraction", entry.probe_id): rec["flagged_fraction"]}
+                rec["metrics"] = metrics_of
+                emit(unit, rec)
+            records.append(rec)
+            metrics.update(rec["metrics"])
+            continue
+        probe = entry.build()
+        fine_tune = bool(getattr(probe, "fine_tune", False))
+        for f in entry.fractions:
+            unit = f"probe|{i}|{entry.probe_id}|{f.label}"
+            rec = done.get(unit)
+            if rec is None:
+                from defenses.training import train_plan
+
+                train = train if train is not None else train_loader()
+                t0 = time.perf_counter()
+                res = probe.run(lambda: make_model(fine_tune), (train.x, train.y), (test.x, test.y), f.value, train_plan(cfg),
+                                device, cfg.seed)
+                rec = {"id": entry.probe_id, "name": entry.name, "kind": "probe", "fraction": f.label, "fraction_value": f.value,
+                       **{k: _plain(getattr(res, k)) for k in ("attack_success_rate", "clean_accuracy", "clean_accuracy_baseline",
+                                                               "n_poisoned", "target") if hasattr(res, k)},
+                       "n_test": len(test), "n_triggered": int(getattr(res, "n_triggered", 0) or 0),
+                       "seconds": round(time.perf_counter() - t0, 3), "scans": []}
+                ms = {metric_id("clean_accuracy", entry.probe_id, f.label): rec["clean_accuracy"]}
+                if rec.get("attack_success_rate") is not None:
+                    ms[metric_id("attack_success_rate", entry.probe_id, f.label)] = rec["attack_success_rate"]
+                if entry.name == "label-flip" and rec.get("clean_accuracy_baseline") is not None:
+                    ms[metric_id("clean_accuracy_cost", entry.probe_id, f.label)] = rec["clean_accuracy_baseline"] - rec["clean_accuracy"]
+                poisoned_x, poisoned_y = getattr(res, "poisoned_train", (train.x, train.y))
+                for scan in entry.scans:
+                    subject = f"{entry.probe_id}/{scan}"
+                    if scan == "neural-cleanse":
+                        nc = _neural_cleanse(res.model, test.x.to(device), test.y.to(device), num_classes, {})
+                        nc["flagged"] = bool(nc.get("anomaly_index", 0) > NEURAL_CLEANSE_THRESHOLD)
+                        rec["scans"].append({"scan": scan, **_plain(nc)})
+                        ms[metric_id("anomaly_index", subject, f.label)] = nc.get("anomaly_index")
+                    else:
+                        report = _scan_training_set(scan, res.model, poisoned_x.to(device), poisoned_y.to(device),
+                                                    list(getattr(res, "poisoned_ids", [])), {})
+                        flagged_ids = [int(j) for j in report.get("flagged_ids", [])]
+                        if out is not None:
+                            write_text_atomic(Path(out) / "scans" / f"{entry.probe_id}@{f.label}-{scan}.json",
+                                              _json({"scan": scan, "flagged_ids": flagged_ids}))
+                        rec["scans"].append({"scan": scan, **{k: _plain(v) for k, v in report.items() if k != "flagged_ids"},
+                                             "flagged_file": f"scans/{entry.probe_id}@{f.label}-{scan}.json"})
+                        ms[metric_id("scan_precision", subject, f.label)] = report.get("precision")
+                        ms[metric_id("scan_recall", subject, f.label)] = report.get("recall")
+                rec["metrics"] = ms
+                emit(unit, rec)
+            records.append(rec)
+            metrics.update(rec["metrics"])
+    return records, {k: v for k, v in metrics.items() if v is not None}
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=1) + "\n"
+
+
+def check_probe_name(name: str) -> None:
+    from attacks.poisoning import PROBES
+
+    if name not in PROBES and name not in SCANS:
+        raise BadInput("probes", f"unknown probe {name!r} (valid: {', '.join(PROBES.names() + list(SCANS))})")
