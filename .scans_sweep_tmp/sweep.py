@@ -5,14 +5,13 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.getcwd())
 
 SETTINGS = {
-    "S1_50x150": dict(samples=50, steps=150),
-    "S2_50x300": dict(samples=50, steps=300),
-    "S2b_50x300_seed1": dict(samples=50, steps=300, seed=1),
-    "S3_200x300": dict(samples=200, steps=300),
-    "S4_200x1000": dict(samples=200, steps=1000),
-    "S5_200x1000_l1e-3": dict(samples=200, steps=1000, lambda_init=1e-3),
-    "S6_100x500_lr05": dict(samples=100, steps=500, lr=0.05),
-    "S7_30x200": dict(samples=30, steps=200),
+    "a50x150": dict(samples=50, steps=150),
+    "b50x300": dict(samples=50, steps=300),
+    "c100x300": dict(samples=100, steps=300),
+    "c100x300s1": dict(samples=100, steps=300, seed=1),
+    "d200x1000": dict(samples=200, steps=1000),
+    "e200x1000l3": dict(samples=200, steps=1000, lambda_init=1e-3),
+    "f450x1000": dict(samples=450, steps=1000),
 }
 
 def job(spec, q):
@@ -41,6 +40,7 @@ def job(spec, q):
         rec["asr"] = float((net(xtt).argmax(1) == 0).float().mean()); rec["acc"] = float((net(xt).argmax(1) == yt).float().mean())
     m = BoundedModel(net).to("cuda" if torch.cuda.is_available() else "cpu")
     f = scans.penultimate(m, xp); t = pois.tolist()
+    rec["dev"] = str(next(m.parameters()).device)
     for eps in (0.05, 0.1, 0.15, 0.33):
         r = scans.scan_report(scans.spectral_signatures(f, yp, eps=eps).flagged, t)
         rec[f"ss{eps}"] = [r["n_flagged"], r.get("precision"), r.get("recall")]
@@ -57,7 +57,7 @@ if __name__ == "__main__":
     os.environ["HARNESS_CACHE_DIR"] = "/tmp/hc"
     from harness.builtin import digits_cnn
     t0 = time.time(); digits_cnn(); print("builtin trained", time.time() - t0, flush=True)
-    specs = [("builtin", 0)] + [(f, s) for f in (0.02, 0.05, 0.1) for s in (0, 1, 2)]
+    specs = [("builtin", 0), (0.0, 1), (0.0, 2)] + [(f, s) for f in (0.05, 0.1) for s in (0, 1, 2)]
     ctx = mp.get_context("spawn"); q = ctx.Queue()
     ps = [ctx.Process(target=job, args=(s, q)) for s in specs]
     for p in ps: p.start()

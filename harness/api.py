@@ -236,13 +236,8 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
             plan = train_plan(cfg)
             return load_data(plan.data.source or cfg.data.source, plan.data.split, plan.data.limit, cfg.seed, base, cfg.data.image_size)
 
-        def make_model(fine_tune: bool):
-            from defenses.training import _reinitialize
-
-            fresh = load_model(cfg.model.source, cfg.model.weights, cfg.model.num_classes, pre.mean, pre.std, cfg.model.kwargs, base)[0]
-            if not fine_tune:
-                _reinitialize(fresh.net, cfg.seed)
-            return fresh.to(devices[0])
+        def make_model(fine_tune: bool):  # the probe copies it, and re-initializes it unless it fine-tunes
+            return load_model(cfg.model.source, cfg.model.weights, cfg.model.num_classes, pre.mean, pre.std, cfg.model.kwargs, base)[0].to(devices[0])
 
         def probe_done(unit: str, rec: dict) -> None:
             probes_done[unit] = rec

@@ -330,18 +330,25 @@ def _listing(kind: str) -> list[str]:
         from .data import dataset_choices
 
         return dataset_choices()
-    if kind == "defenses":
+    if kind in ("defenses", "probes"):
         import dataclasses
 
-        from defenses import DEFENSES
+        if kind == "defenses":
+            from defenses import DEFENSES as registry
+        else:
+            from attacks.poisoning import PROBES as registry
 
-        lines, width = [], max((len(n) for n in DEFENSES.names()), default=0)
-        for name, obj in DEFENSES.items():
+        lines, width = [], max((len(n) for n in registry.names()), default=0)
+        for name, obj in registry.items():
             fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ()
             knobs = ", ".join(f"{f.name}={f.default!r}" for f in fields if f.default is not dataclasses.MISSING)
             first = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())  # the docstring's first sentence
             summary = re.split(r"(?<=\.)\s+(?=[A-Z])", first)[0]
-            lines.append(f"{name:<{width}}  {getattr(obj, 'kind', ''):<13} {knobs}    {summary}")
+            lines.append(f"{name:<{width}}  {getattr(obj, 'kind', 'probe' if kind == 'probes' else ''):<13} {knobs}    {summary}")
+        if kind == "probes":
+            from .probes import SCANS
+
+            lines.append(f"(scans, alone or as `scans:` of a probe: {', '.join(SCANS)})")
         return lines
     return ["(none in this version)"]
 

@@ -222,6 +222,7 @@ class DefenseConfig(Strict):
     id: Optional[str] = None
     weights: Optional[str] = None
     fpr: float = Field(default=0.05, gt=0, lt=1)
+    eot: int = Field(default=8, ge=1)  # draws averaged per gradient in the adaptive run of a randomized preprocessing defense
     params: dict[str, Any] = {}
 
     @model_validator(mode="before")

@@ -71,7 +71,7 @@ def _neural_cleanse(model, x, y, num_classes: int, params: dict) -> dict[str, An
     from .images import png_base64
 
     res = scans.neural_cleanse(model, x, y, num_classes=num_classes, **params)
-    out = {k: v for k, v in res.items() if not isinstance(v, torch.Tensor)}
+    out = {k: _plain(v) for k, v in res.items()}
     for key in ("mask", "pattern"):
         t = res.get(key)
         if isinstance(t, torch.Tensor):
@@ -133,6 +133,13 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
             continue
         probe = entry.build()
         fine_tune = bool(getattr(probe, "fine_tune", False))
+        if any(f"probe|{i}|{entry.probe_id}|{f.label}" not in done for f in entry.fractions):
+            train = train if train is not None else train_loader()
+            most = probe.max_fraction(train.y) if hasattr(probe, "max_fraction") else 1.0
+            over = [f.label for f in entry.fractions if f.value > most]
+            if over:
+                raise BadInput(f"probes[{i}].fractions", f"{entry.name} can poison at most {most:.4f} of this training set "
+                               f"({len(train)} samples), not {', '.join(over)}")
         for f in entry.fractions:
             unit = f"probe|{i}|{entry.probe_id}|{f.label}"
             rec = done.get(unit)
@@ -141,12 +148,14 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
 
                 train = train if train is not None else train_loader()
                 t0 = time.perf_counter()
-                res = probe.run(lambda: make_model(fine_tune), (train.x, train.y), (test.x, test.y), f.value, train_plan(cfg),
-                                device, cfg.seed)
+                plan = train_plan(cfg)
+                res = probe.run(lambda: make_model(fine_tune), (train.x, train.y), (test.x, test.y), f.value, plan,
+                                device, plan.seed if plan.seed is not None else cfg.seed)
                 rec = {"id": entry.probe_id, "name": entry.name, "kind": "probe", "fraction": f.label, "fraction_value": f.value,
-                       **{k: _plain(getattr(res, k)) for k in ("attack_success_rate", "clean_accuracy", "clean_accuracy_baseline",
-                                                               "n_poisoned", "target") if hasattr(res, k)},
-                       "n_test": len(test), "n_triggered": int(getattr(res, "n_triggered", 0) or 0),
+                       **{k: _plain(_rounded(getattr(res, k))) for k in ("attack_success_rate", "clean_accuracy", "clean_accuracy_baseline",
+                                                                         "n_poisoned", "target") if hasattr(res, k)},
+                       "n_test": len(test),
+                       "n_triggered": int((test.y != int(res.target)).sum()) if getattr(res, "target", None) is not None else 0,
                        "seconds": round(time.perf_counter() - t0, 3), "scans": []}
                 ms = {metric_id("clean_accuracy", entry.probe_id, f.label): rec["clean_accuracy"]}
                 if rec.get("attack_success_rate") is not None:
@@ -172,11 +181,22 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                                              "flagged_file": f"scans/{entry.probe_id}@{f.label}-{scan}.json"})
                         ms[metric_id("scan_precision", subject, f.label)] = report.get("precision")
                         ms[metric_id("scan_recall", subject, f.label)] = report.get("recall")
+                if all(hasattr(probe, k) for k in ("size", "position", "pattern")):
+                    from attacks.poisoning import trigger_image
+
+                    from .images import png_base64
+
+                    rec["trigger"] = png_base64(trigger_image(tuple(test.x.shape[1:]), probe.size, probe.position, probe.pattern))
                 rec["metrics"] = ms
                 emit(unit, rec)
             records.append(rec)
             metrics.update(rec["metrics"])
     return records, {k: v for k, v in metrics.items() if v is not None}
+
+
+def _rounded(v: Any) -> Any:
+    """Accuracies computed in float32 print as 0.9850000143: round them to what a count supports."""
+    return round(float(v), 6) if isinstance(v, float) else v
 
 
 def _json(obj: Any) -> str:

@@ -107,7 +107,8 @@ def _nice_step(span: float, ticks: int = 4) -> float:
     return next(m * scale for m in (1, 2, 2.5, 5, 10) if m * scale >= raw * (1 - 1e-9))
 
 
-def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]]) -> str:
+def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]], *, title: Optional[str] = None,
+              x_label: Optional[str] = None, y_label: str = "robust accuracy") -> str:
     """Robust accuracy against epsilon as inline SVG (no script, no fetch, labels escaped): one line
     per entry of `lines` (name -> [(epsilon, accuracy)]), "worst" drawn dashed in black, with a
     title, axis titles, tick labels and a legend."""
@@ -125,7 +126,7 @@ def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]]) -> str:
     xend = step * math.ceil(xmax / step - 1e-9) if xmax > 0 else 1.0
     sx = lambda x: left + plot_w * x / xend
     sy = lambda y: top + plot_h * (1 - y)
-    title = f"Robust accuracy against {norm} epsilon"
+    title = title or f"Robust accuracy against {norm} epsilon"
     parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{escape(title)}" '
              f'font-family="{_FONT}" style="max-width:100%;height:auto">',
              f"<title>{escape(title)}</title>",
@@ -139,8 +140,8 @@ def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]]) -> str:
                      f'<text x="{sx(t):.1f}" y="{top + plot_h + 17}" font-size="11" text-anchor="middle" fill="#1f2328">{float(f"{t:.6g}"):g}</text>')
     parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#57606a"/>'
                  f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="#57606a"/>'
-                 f'<text x="{left + plot_w / 2:.1f}" y="{h - 10}" font-size="12" text-anchor="middle" fill="#1f2328">epsilon ({escape(norm)})</text>'
-                 f'<text transform="translate(16 {top + plot_h / 2:.1f}) rotate(-90)" font-size="12" text-anchor="middle" fill="#1f2328">robust accuracy</text>')
+                 f'<text x="{left + plot_w / 2:.1f}" y="{h - 10}" font-size="12" text-anchor="middle" fill="#1f2328">{escape(x_label or f"epsilon ({norm})")}</text>'
+                 f'<text transform="translate(16 {top + plot_h / 2:.1f}) rotate(-90)" font-size="12" text-anchor="middle" fill="#1f2328">{escape(y_label)}</text>')
     if not any(lines.values()):
         parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h / 2:.1f}" font-size="12" text-anchor="middle" fill="#57606a">no points</text>')
     for i, name in enumerate(names):
@@ -279,6 +280,51 @@ def _table(records: Any) -> Optional[dict[str, Any]]:
     return {"columns": columns, "rows": [[_cell(r.get(k)) for k in columns] for r in rows]}
 
 
+def _probes(record: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Poisoning: per probe, attack success and clean accuracy against the poisoning fraction (a chart
+    and a table with the trigger pictured and the scans of what it planted); scans on their own."""
+    from markupsafe import Markup
+
+    records = [p for p in record.get("probes") or [] if isinstance(p, dict)]
+    if not records:
+        return None
+    if any("kind" not in p for p in records):
+        return {"generic": _table(records)}
+    intervals = record.get("intervals") or {}
+    by_probe: dict[str, list[dict[str, Any]]] = {}
+    for p in records:
+        if p["kind"] == "probe":
+            by_probe.setdefault(p["id"], []).append(p)
+    probes = []
+    for pid, rows in by_probe.items():
+        rows = sorted(rows, key=lambda r: r.get("fraction_value") or 0.0)
+        lines = {f"clean accuracy": [(r["fraction_value"], r["clean_accuracy"]) for r in rows if r.get("clean_accuracy") is not None]}
+        asr = [(r["fraction_value"], r["attack_success_rate"]) for r in rows if r.get("attack_success_rate") is not None]
+        if asr:
+            lines["attack success"] = asr
+        chart = Markup(curve_svg("fraction", lines, title=f"{pid}: against the poisoning fraction", x_label="poisoned fraction of the training set",
+                                 y_label="rate"))
+        table = [{**r, "asr_ci": intervals.get(f"attack_success_rate:{pid}@{r['fraction']}"),
+                  "trigger_ok": _png_ok(r.get("trigger"))} for r in rows]
+        probes.append({"id": pid, "name": rows[0]["name"], "chart": chart, "rows": table})
+    scans = [p for p in records if p["kind"] in ("model-scan", "data-scan")]
+    for p in scans:
+        p["images_ok"] = _png_ok(p.get("mask")) and _png_ok(p.get("pattern"))
+    return {"probes": probes, "scans": scans}
+
+
+def _png_ok(b64: Any) -> bool:
+    import base64
+    import binascii
+
+    if not isinstance(b64, str):
+        return False
+    try:
+        return base64.b64decode(b64, validate=True)[:8] == b"\x89PNG\r\n\x1a\n"
+    except (binascii.Error, ValueError):
+        return False
+
+
 def _defenses(record: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The undefended model and each defended variant side by side (clean accuracy and every robust
     accuracy, with the change against the undefended model), and the detectors' figures."""
@@ -324,7 +370,7 @@ def _context(record: dict[str, Any]) -> dict[str, Any]:
 def report_html(record: dict[str, Any]) -> str:
     """report.html: one self-contained page (inline CSS, SVG and PNG; a CSP that forbids any load)."""
     ctx = _context(record)
-    ctx.update(classes=_classes(record), examples=_examples(record), probes=_table(record.get("probes")),
+    ctx.update(classes=_classes(record), examples=_examples(record), probes=_probes(record),
                defenses=_defenses(record), provenance=_provenance(record),
                stages=[a for a in record.get("attacks", []) if a.get("stages")])
     return _env().get_template("report.html.j2").render(**ctx)
