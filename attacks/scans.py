@@ -57,7 +57,8 @@ def _device_of(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def penultimate(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The (n, d) input of the model's last ``nn.Linear``, on the CPU, computed on the model's device.
+    """The (n, d) input of the model's last ``nn.Linear``, on the CPU, computed on the model's device
+    (in the mode the model is in: a BoundedModel is always in eval mode).
 
     "Last" is in execution order: the last module with parameters that runs in the forward pass must
     be an ``nn.Linear`` with a 2-D input (trailing parameter-free modules such as a softmax are
@@ -204,7 +205,9 @@ def spectral_signatures(features: torch.Tensor, labels: torch.Tensor, *, eps: fl
     every sample, and the ``round(factor * eps * n_class)`` highest scores flagged. ``eps`` is the
     expected (upper bound of the) poisoned fraction of a class, not of the whole set: a backdoor in
     2% of the digits training set, all relabelled to one class, is 16% of that class. Every class
-    gives up its share, so a clean set has ``factor * eps`` of it flagged too.
+    gives up its share, so a clean set has ``factor * eps`` of it flagged too. (ART's detector
+    projects the raw features instead, ``|r . v|``, a one-sided score; on that 2% backdoor it found
+    all of the poison where the paper's score found 88%.)
     """
     if not (0 < eps <= 1 and factor > 0):
         raise ValueError(f"need 0 < eps <= 1 and factor > 0, got eps={eps}, factor={factor}")
@@ -244,8 +247,9 @@ def scan_report(flagged: torch.Tensor, poisoned_ids: Optional[Sequence[int]] = N
     return report
 
 
-def write_flagged(path: Path | str, ids: Sequence[int] | torch.Tensor) -> Path:
-    """Writes ``{"n_flagged": k, "flagged_ids": [...]}`` to `path` as JSON, atomically."""
+def write_flagged(path: Path | str, ids: Sequence[int] | torch.Tensor, scan: Optional[str] = None) -> Path:
+    """Writes ``{"scan": scan, "n_flagged": k, "flagged_ids": [...]}`` to `path` as JSON, atomically
+    (``scan`` only when given)."""
     from harness.files import write_text_atomic
 
     if isinstance(ids, torch.Tensor):
@@ -253,8 +257,9 @@ def write_flagged(path: Path | str, ids: Sequence[int] | torch.Tensor) -> Path:
             raise TypeError("write_flagged takes sample ids, not a mask (scan_report(mask)['flagged_ids'] gives them)")
         ids = ids.flatten().tolist()
     ids = [int(i) for i in ids]
+    record = ({"scan": scan} if scan is not None else {}) | {"n_flagged": len(ids), "flagged_ids": ids}
     path = Path(path)
-    write_text_atomic(path, json.dumps({"n_flagged": len(ids), "flagged_ids": ids}) + "\n")
+    write_text_atomic(path, json.dumps(record) + "\n")
     return path
 
 
@@ -284,8 +289,9 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_cl
     Returns ``norms`` (per class), ``anomaly_index`` (of the smallest norm), ``flagged_classes``
     (index > 2 and norm below the median), ``flagged``, ``target`` (the class with the smallest
     norm; the flagged one when there is one) with its ``mask`` (H, W) and ``pattern`` (C, H, W)
-    as CPU tensors, ``success_rate`` and ``reached`` per class, and ``seconds``. It runs on the
-    model's device; ``max_batch`` bounds the images of one forward pass (classes are taken in chunks).
+    as CPU tensors, ``success_rate`` and ``reached`` per class, and ``seconds``. ``model`` maps
+    [0, 1] inputs to logits in eval mode (a BoundedModel does both); it runs on the model's device,
+    and ``max_batch`` bounds the images of one forward pass (classes are taken in chunks).
 
     The index compares a class with the others, so it needs triggers that are small against what a
     class naturally takes. On the 8x8 digits (measured): the clean classes need 7-17 pixels; a 3x3
@@ -331,11 +337,11 @@ def _reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target
     a = torch.zeros(k, 1, 1, h, w, device=device, requires_grad=True)
     b = (torch.rand(k, 1, c, h, w, generator=g) * 4 - 2).to(device).requires_grad_(True)
     opt = torch.optim.Adam([a, b], lr=lr, betas=(0.5, 0.9))
-    lam = torch.full((k,), float(lambda_init), device=device, dtype=torch.float64)
+    lam = torch.full((k,), float(lambda_init), device=device)
     weight = (y[None, :] != targets[:, None]).float()  # (k, n): a sample already of class t teaches nothing
     counted = weight.sum(1).clamp_min(1)
     labels = targets[:, None].expand(k, n).reshape(-1)
-    best = torch.full((k,), math.inf, device=device, dtype=torch.float64)
+    best = torch.full((k,), math.inf, device=device)
     best_mask, best_pattern = torch.sigmoid(a.detach()[:, 0, 0]), torch.sigmoid(b.detach()[:, 0])
     last_rate = torch.zeros(k, device=device)
     window_ok = torch.ones(k, dtype=torch.bool, device=device)
@@ -345,13 +351,13 @@ def _reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target
         logits = model(xt)
         ce = nn.functional.cross_entropy(logits, labels, reduction="none").view(k, n)
         l1 = m.flatten(1).sum(1)
-        loss = ((ce * weight).sum(1) / counted + lam.float() * l1).sum()
+        loss = ((ce * weight).sum(1) / counted + lam * l1).sum()
         ga, gb = torch.autograd.grad(loss, [a, b])  # never into the model's parameters
         with torch.no_grad():
             rate = ((logits.argmax(1).view(k, n) == targets[:, None]).float() * weight).sum(1) / counted
             ok = rate >= success
-            better = ok & (l1.double() < best)
-            best = torch.where(better, l1.double(), best)
+            better = ok & (l1 < best)
+            best = torch.where(better, l1, best)
             best_mask[better], best_pattern[better] = m[better, 0, 0], p[better, 0]
             last_rate = rate
             window_ok &= ok
@@ -364,6 +370,6 @@ def _reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target
     reached = torch.isfinite(best)
     with torch.no_grad():
         final = torch.sigmoid(a)[:, 0, 0]
-    norms = torch.where(reached, best, final.flatten(1).sum(1).double())
+    norms = torch.where(reached, best, final.flatten(1).sum(1))
     best_mask[~reached], best_pattern[~reached] = final[~reached], torch.sigmoid(b.detach()[~reached, 0])
     return norms.cpu(), last_rate.cpu(), reached.cpu(), best_mask.cpu(), best_pattern.cpu()

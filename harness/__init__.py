@@ -17,13 +17,13 @@ __all__ = ["run", "gate", "compare", "harden", "Scorecard", "BadInput", "RunFail
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import run
-    from defenses.training import harden
+    from defenses.hardening import harden
 
     from .comparison import compare
     from .errors import BadInput, RunFailed
     from .scorecard import Scorecard
 
-_LAZY = {"run": ".api", "compare": ".comparison", "harden": "defenses.training", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
+_LAZY = {"run": ".api", "compare": ".comparison", "harden": "defenses.hardening", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
 
 
 def __getattr__(name: str) -> Any:

@@ -229,7 +229,7 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
         from .probes import evaluate_probes
 
         def train_loader():
-            from defenses.training import train_plan
+            from defenses.hardening import train_plan
 
             from .data import load_data
 

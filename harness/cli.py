@@ -280,7 +280,7 @@ def harden(config: Path, defense: str, out: Path, epochs: Optional[int], device:
     load_config(config)  # a bad config fails here, before torch loads
     if device is not None:
         parse_devices(device)
-    from defenses.training import harden as harden_model
+    from defenses.hardening import harden as harden_model
 
     try:
         with _sigterm_as_interrupt():

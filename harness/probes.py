@@ -95,8 +95,6 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
     """Every `probes:` entry: (scorecard records, metrics). `train_loader()` gives the training Data,
     `make_model(fine_tune)` a model to poison-train (the config's weights, or freshly initialized);
     units in `done` (a resumed run) are reused; `emit(unit, record)` saves each as it finishes."""
-    from attacks.poisoning import PROBES
-
     from .files import write_text_atomic
     from .metrics import metric_id
 
@@ -144,7 +142,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
             unit = f"probe|{i}|{entry.probe_id}|{f.label}"
             rec = done.get(unit)
             if rec is None:
-                from defenses.training import train_plan
+                from defenses.hardening import train_plan
 
                 train = train if train is not None else train_loader()
                 t0 = time.perf_counter()

@@ -298,7 +298,7 @@ def _probes(record: dict[str, Any]) -> Optional[dict[str, Any]]:
     probes = []
     for pid, rows in by_probe.items():
         rows = sorted(rows, key=lambda r: r.get("fraction_value") or 0.0)
-        lines = {f"clean accuracy": [(r["fraction_value"], r["clean_accuracy"]) for r in rows if r.get("clean_accuracy") is not None]}
+        lines = {"clean accuracy": [(r["fraction_value"], r["clean_accuracy"]) for r in rows if r.get("clean_accuracy") is not None]}
         asr = [(r["fraction_value"], r["attack_success_rate"]) for r in rows if r.get("attack_success_rate") is not None]
         if asr:
             lines["attack success"] = asr

@@ -16,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from defenses.training import PGDAT, build_defense, harden, learning_rate, training_defenses
+from defenses.hardening import harden
+from defenses.training import PGDAT, build_defense, learning_rate, training_defenses
 from harness.config import TrainConfig
 from harness.errors import BadInput, RunFailed
 from harness.files import sha256_file

@@ -18,7 +18,7 @@ CHECKER3 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 
 @pytest.fixture(scope="module")
 def plan() -> TrainConfig:
-    from defenses.training import builtin_recipe
+    from defenses.hardening import builtin_recipe
 
     return TrainConfig.model_validate(builtin_recipe("builtin:digits-cnn"))
 
