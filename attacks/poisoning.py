@@ -147,7 +147,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Any, device: U
 
     `plan` is a harness.config.TrainConfig. The batch order of each epoch comes from (seed, epoch).
     """
-    from defenses.training import learning_rate, make_optimizer
+    from defenses.training import learning_rate, make_optimizer, optimizer_step
 
     device = torch.device(device)
     net = _net(model)
@@ -173,14 +173,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Any, device: U
                     loss = F.cross_entropy(model(x[idx].to(device)).float(), y[idx].to(device))
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(f"the training loss became {float(loss)} in epoch {epoch + 1} (lower train.optimizer.lr)")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                optimizer_step(optimizer, loss, scaler)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)

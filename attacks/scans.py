@@ -299,7 +299,9 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_cl
     models, 1.9-2.3 on the sixth); planted in 2%, the model needs the whole patch and it hides among
     the others. Of three clean models, one reached 2-2.8 in some settings: a flag is a lead to check.
     """
-    assert x.dim() == 4 and y.dim() == 1 and x.shape[0] == y.shape[0], f"expected x (n, C, H, W) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}"
+    assert x.dim() == 4 and y.dim() == 1 and x.shape[0] == y.shape[0], (
+        f"expected x (n, C, H, W) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}"
+    )
     if num_classes < 2:
         raise ValueError(f"Neural Cleanse compares classes: num_classes must be at least 2, got {num_classes}")
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from harness.config import TrainConfig, parse_epsilon
 from .registry import DEFENSES
 
 __all__ = ["AdversarialTraining", "PGDAT", "TRADES", "FastAT", "Check", "build_defense", "training_defenses",
-           "pgd_check", "learning_rate", "make_optimizer", "train", "TrainState"]
+           "pgd_check", "learning_rate", "make_optimizer", "optimizer_step", "train", "TrainState"]
 
 # (model, epoch) -> (clean accuracy, robust accuracy) on the held-out slice; epoch 0 is the starting model
 Check = Callable[[torch.nn.Module, int], "tuple[float, float]"]
@@ -241,6 +241,18 @@ def _set_trainable(net: torch.nn.Module, on: bool) -> None:
         p.requires_grad_(on)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler: Any = None) -> None:
+    """One update from `loss`, through the gradient scaler when mixed precision uses one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def make_optimizer(plan: TrainConfig, net: torch.nn.Module) -> torch.optim.Optimizer:
     o = plan.optimizer
     params = [p for p in net.parameters() if p.is_floating_point()]
@@ -308,14 +320,7 @@ def train(defense: AdversarialTraining, model, x: torch.Tensor, y: torch.Tensor,
                     from harness.errors import RunFailed
 
                     raise RunFailed(f"the training loss became {float(loss)} in epoch {epoch + 1} (lower train.optimizer.lr)")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                optimizer_step(optimizer, loss, scaler)
                 total += loss.item() * len(idx)
                 bar.update(1)
         net.eval()

@@ -151,7 +151,29 @@ def _reraise(check, value) -> None:
         raise ValueError(e.problem) from None
 
 
-class AttackConfig(Strict):
+class _Knobs(Strict):
+    """An entry whose keys beyond its own fields are the knobs of a registered thing (`params`)."""
+
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_params(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "params" not in data:
+            return {**{k: v for k, v in data.items() if k in cls.model_fields},
+                    "params": {k: v for k, v in data.items() if k not in cls.model_fields}}
+        return data
+
+    def _built(self, registry, what: str, also: tuple[str, ...] = ()):
+        """The registered class named by `name`, made with `params`; ValueError listing the valid names."""
+        from attacks.config import validated
+
+        if self.name not in registry:
+            raise ValueError(f"unknown {what} {self.name!r} (valid: {', '.join(registry.names() + list(also)) or 'none'})")
+        return validated(registry.get(self.name), self.params, f"{what} {self.name!r}")
+
+
+class AttackConfig(_Knobs):
     """One attack entry: the general keys here, the attack's own knobs in `params`.
 
     A bounded attack needs `epsilons`; a minimal-perturbation one (cw, deepfool) may leave them out
@@ -165,16 +187,6 @@ class AttackConfig(Strict):
     id: Optional[str] = None
     targeted: bool = False
     target: Literal["random", "least-likely"] = "random"
-    params: dict[str, Any] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _split_params(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "params" not in data:
-            general = {k: v for k, v in data.items() if k in cls.model_fields}
-            params = {k: v for k, v in data.items() if k not in cls.model_fields}
-            return {**general, "params": params}
-        return data
 
     @model_validator(mode="after")
     def _attack_exists(self) -> "AttackConfig":
@@ -210,7 +222,7 @@ class AttackConfig(Strict):
         return build_attack(self.name, self.norm, self.backend, self.params)
 
 
-class DefenseConfig(Strict):
+class DefenseConfig(_Knobs):
     """One `defenses:` entry: a registered defense (`harness list defenses`) and its knobs.
 
     Trained defenses (pgd-at, trades, fast-at) name the `weights` that `harness harden` wrote; a
@@ -223,15 +235,6 @@ class DefenseConfig(Strict):
     weights: Optional[str] = None
     fpr: float = Field(default=0.05, gt=0, lt=1)
     eot: int = Field(default=8, ge=1)  # draws averaged per gradient in the adaptive run of a randomized preprocessing defense
-    params: dict[str, Any] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _split_params(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "params" not in data:
-            return {**{k: v for k, v in data.items() if k in cls.model_fields},
-                    "params": {k: v for k, v in data.items() if k not in cls.model_fields}}
-        return data
 
     @model_validator(mode="after")
     def _defense_exists(self) -> "DefenseConfig":
@@ -250,16 +253,12 @@ class DefenseConfig(Strict):
         return self.id or self.name
 
     def build(self):
-        from attacks.config import validated
-
         from defenses import DEFENSES
 
-        if self.name not in DEFENSES:
-            raise ValueError(f"unknown defense {self.name!r} (valid: {', '.join(DEFENSES.names()) or 'none'})")
-        return validated(DEFENSES.get(self.name), self.params, f"defense {self.name!r}")
+        return self._built(DEFENSES, "defense")
 
 
-class ProbeConfig(Strict):
+class ProbeConfig(_Knobs):
     """One `probes:` entry: a poisoning probe over `fractions` (badnets, clean-label, label-flip; with
     optional `scans` of what it planted), or a scan on its own (activation-clustering,
     spectral-signatures of the training data; neural-cleanse of the model). See harness.probes."""
@@ -268,15 +267,6 @@ class ProbeConfig(Strict):
     id: Optional[str] = None
     fractions: list[EpsilonField] = []
     scans: list[Literal["activation-clustering", "spectral-signatures", "neural-cleanse"]] = []
-    params: dict[str, Any] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _split_params(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "params" not in data:
-            return {**{k: v for k, v in data.items() if k in cls.model_fields},
-                    "params": {k: v for k, v in data.items() if k not in cls.model_fields}}
-        return data
 
     @model_validator(mode="after")
     def _probe_exists(self) -> "ProbeConfig":
@@ -299,14 +289,11 @@ class ProbeConfig(Strict):
         return self.id or self.name
 
     def build(self):
-        from attacks.config import validated
         from attacks.poisoning import PROBES
 
         from .probes import SCANS
 
-        if self.name not in PROBES:
-            raise ValueError(f"unknown probe {self.name!r} (valid: {', '.join(PROBES.names() + list(SCANS))})")
-        return validated(PROBES.get(self.name), self.params, f"probe {self.name!r}")
+        return self._built(PROBES, "probe", SCANS)
 
 
 CORRUPTION_KINDS = ("gaussian-noise", "blur", "brightness", "contrast")

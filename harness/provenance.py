@@ -8,7 +8,6 @@ only: the CLI imports this module at startup, and `harness verify` never needs t
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 from pathlib import Path, PurePosixPath
@@ -160,21 +159,9 @@ def _row(role: str, path: Path, expected: str, kind: str) -> VerifyRow:
 def _load_record(scorecard_path: PathLike) -> tuple[dict[str, Any], Path]:
     """The scorecard's record and its directory. Read here rather than by Scorecard.load, which also
     parses outcomes.json and refuses an altered one: verify must report that file, not stop at it."""
-    from .scorecard import REQUIRED_KEYS, SCHEMA_VERSION
+    from .scorecard import REQUIRED_KEYS, read_record
 
-    p = Path(scorecard_path)
-    if p.is_dir():
-        p = p / "scorecard.json"
-    try:
-        record = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInput(str(p), "scorecard not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise BadInput(str(p), f"not a readable scorecard JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(record, dict):
-        raise BadInput(str(p), "not a scorecard: the JSON is not an object")
-    if record.get("schema_version") != SCHEMA_VERSION:
-        raise BadInput(str(p), f"unsupported scorecard schema_version {record.get('schema_version')!r} (valid: {SCHEMA_VERSION})")
+    record, p = read_record(scorecard_path)
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise BadInput(str(p), f"not a scorecard: it lacks the keys {', '.join(missing)}")

@@ -49,6 +49,25 @@ def _same_samples(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
+def read_record(path: Union[str, Path]) -> tuple[dict[str, Any], Path]:
+    """A scorecard.json (or the directory holding one) as a dict of this schema version, and its path;
+    BadInput naming the file when it is missing, unreadable, not an object or of another version."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "scorecard.json"
+    try:
+        record = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(str(p), "scorecard not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BadInput(str(p), f"not a readable scorecard JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict):
+        raise BadInput(str(p), "not a scorecard: the JSON is not an object")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise BadInput(str(p), f"unsupported scorecard schema_version {record.get('schema_version')!r} (valid: {SCHEMA_VERSION})")
+    return record, p
+
+
 class Scorecard:
     """A run's result. Displays itself in Jupyter; `save(dir)` writes every output of a run.
 
@@ -109,19 +128,7 @@ class Scorecard:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Scorecard":
-        p = Path(path)
-        if p.is_dir():
-            p = p / "scorecard.json"
-        try:
-            record = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BadInput(str(p), "scorecard not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInput(str(p), f"not a readable scorecard JSON ({type(e).__name__}: {e})") from None
-        if not isinstance(record, dict):
-            raise BadInput(str(p), "not a scorecard: the JSON is not an object")
-        if record.get("schema_version") != SCHEMA_VERSION:
-            raise BadInput(str(p), f"unsupported scorecard schema_version {record.get('schema_version')!r} (valid: {SCHEMA_VERSION})")
+        record, p = read_record(path)
         try:
             card = cls(record)
         except ValueError as e:

@@ -348,7 +348,8 @@ def test_activation_clustering_agrees_with_art(scanned):
     ours = _two_means(_reduce(torch.from_numpy(per_class[TARGET]), 10, whiten=False), torch.Generator().manual_seed(0))
     theirs = torch.from_numpy(clusters[TARGET]).long()
     print(f"class {TARGET} inertia: ours {inertia(z, ours):.1f}, ART's single start {inertia(z, theirs):.1f}; "
-          f"recall of the smaller cluster: ours {float(_recall(idx[TARGET], ours, poisoned)):.3f}, ART's {float(_recall(idx[TARGET], theirs, poisoned)):.3f}")
+          f"recall of the smaller cluster: ours {_recall(idx[TARGET], ours, poisoned):.3f}, "
+          f"ART's {_recall(idx[TARGET], theirs, poisoned):.3f}")
     assert inertia(z, ours) <= inertia(z, theirs) * (1 + 1e-9)
 
 
