@@ -30,7 +30,6 @@ from .errors import BadInput
 __all__ = ["SCANS", "probe_metric_ids", "evaluate_probes"]
 
 SCANS = ("activation-clustering", "spectral-signatures", "neural-cleanse")
-NEURAL_CLEANSE_THRESHOLD = 2.0
 
 
 def probe_metric_ids(entry) -> list[str]:
@@ -95,7 +94,6 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
     """Every `probes:` entry: (scorecard records, metrics). `train_loader()` gives the training Data,
     `make_model(fine_tune)` a model to poison-train (the config's weights, or freshly initialized);
     units in `done` (a resumed run) are reused; `emit(unit, record)` saves each as it finishes."""
-    from .files import write_text_atomic
     from .metrics import metric_id
 
     records: list[dict] = []
@@ -110,8 +108,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                 t0 = time.perf_counter()
                 if entry.name == "neural-cleanse":
                     res = _neural_cleanse(model, test.x.to(device), test.y.to(device), num_classes, entry.params)
-                    flagged = bool(res.get("anomaly_index", 0) > NEURAL_CLEANSE_THRESHOLD)
-                    rec = {"id": entry.probe_id, "name": entry.name, "kind": "model-scan", **_plain(res), "flagged": flagged,
+                    rec = {"id": entry.probe_id, "name": entry.name, "kind": "model-scan", **_plain(res),
                            "seconds": round(time.perf_counter() - t0, 3)}
                     metrics_of = {metric_id("anomaly_index", "neural-cleanse"): rec.get("anomaly_index")}
                 else:
@@ -119,7 +116,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                     report = _scan_training_set(entry.name, model, train.x.to(device), train.y.to(device), None, entry.params)
                     ids = [int(train.ids[j]) for j in report.get("flagged_ids", [])]
                     if out is not None:
-                        write_text_atomic(Path(out) / "scans" / f"{entry.probe_id}.json", _json({"scan": entry.name, "flagged_ids": ids}))
+                        scans_module().write_flagged(Path(out) / "scans" / f"{entry.probe_id}.json", ids, scan=entry.name)
                     rec = {"id": entry.probe_id, "name": entry.name, "kind": "data-scan", "n": len(train),
                            "n_flagged": len(ids), "flagged_fraction": len(ids) / max(1, len(train)),
                            "flagged_file": f"scans/{entry.probe_id}.json", "seconds": round(time.perf_counter() - t0, 3)}
@@ -165,16 +162,18 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                     subject = f"{entry.probe_id}/{scan}"
                     if scan == "neural-cleanse":
                         nc = _neural_cleanse(res.model, test.x.to(device), test.y.to(device), num_classes, {})
-                        nc["flagged"] = bool(nc.get("anomaly_index", 0) > NEURAL_CLEANSE_THRESHOLD)
                         rec["scans"].append({"scan": scan, **_plain(nc)})
                         ms[metric_id("anomaly_index", subject, f.label)] = nc.get("anomaly_index")
                     else:
-                        report = _scan_training_set(scan, res.model, poisoned_x.to(device), poisoned_y.to(device),
-                                                    list(getattr(res, "poisoned_ids", [])), {})
+                        planted = [int(j) for j in getattr(res, "poisoned_ids", [])]
+                        knobs = {}
+                        if scan == "spectral-signatures" and planted:  # the paper's protocol: eps is the poisoned share of the class
+                            in_target = int((poisoned_y == int(res.target)).sum()) if getattr(res, "target", None) is not None else 0
+                            knobs["eps"] = min(1.0, len(planted) / in_target) if in_target else 0.05
+                        report = _scan_training_set(scan, res.model, poisoned_x.to(device), poisoned_y.to(device), planted, knobs)
                         flagged_ids = [int(j) for j in report.get("flagged_ids", [])]
                         if out is not None:
-                            write_text_atomic(Path(out) / "scans" / f"{entry.probe_id}@{f.label}-{scan}.json",
-                                              _json({"scan": scan, "flagged_ids": flagged_ids}))
+                            scans_module().write_flagged(Path(out) / "scans" / f"{entry.probe_id}@{f.label}-{scan}.json", flagged_ids, scan=scan)
                         rec["scans"].append({"scan": scan, **{k: _plain(v) for k, v in report.items() if k != "flagged_ids"},
                                              "flagged_file": f"scans/{entry.probe_id}@{f.label}-{scan}.json"})
                         ms[metric_id("scan_precision", subject, f.label)] = report.get("precision")
@@ -192,15 +191,15 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
     return records, {k: v for k, v in metrics.items() if v is not None}
 
 
+def scans_module():
+    from attacks import scans
+
+    return scans
+
+
 def _rounded(v: Any) -> Any:
     """Accuracies computed in float32 print as 0.9850000143: round them to what a count supports."""
     return round(float(v), 6) if isinstance(v, float) else v
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=1) + "\n"
 
 
 def check_probe_name(name: str) -> None:
