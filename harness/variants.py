@@ -63,8 +63,7 @@ def _variant_record(entry, kind: str, mode: Optional[str], prefix: str, ev, base
         "robust_accuracy": robust,
         "gain": {m: v - base_metrics[m] for m, v in robust.items() if m in base_metrics},
         "attacks": [{**r.record(), "id": f"{prefix}/{r.subject}"} for r in ev.results],
-        "checks": ev.checks,
-    }
+    }  # its checks go to the scorecard's own `checks`, named "<prefix>: <check>", not twice
     if entry.weights:
         rec["weights"] = entry.weights
     return rec
