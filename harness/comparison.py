@@ -161,8 +161,11 @@ def _curve_rows(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> dic
 
 def _flip_rows(cards: Sequence[Scorecard], labels: Sequence[str], shared: Sequence[str]) -> list[dict[str, Any]]:
     """Per non-reference version: per shared robust accuracy both carry per-sample outcomes for, how
-    many samples went robust -> broken and back against the reference, McNemar's p, and by class."""
+    many samples went robust -> broken and back against the reference, McNemar's p, and by class.
+    Only where harness.outcomes.pairing (the rule max_drop gates use) finds the same samples; else
+    the row's note says why it is not paired."""
     from .metrics import mcnemar_p_value
+    from .outcomes import pairing
 
     ref = cards[0].outcomes
     out = []
@@ -174,12 +177,13 @@ def _flip_rows(cards: Sequence[Scorecard], labels: Sequence[str], shared: Sequen
             missing = [lab for lab, o in ((labels[0], ref), (label, mine)) if o is None]
             row["note"] = f"no per-sample outcomes (outcomes.json) for {' and '.join(missing)}"
             continue
+        paired, why = pairing(mine, ref)
+        if not paired:
+            row["note"] = f"not paired sample by sample: {why}"
+            continue
         import numpy as np
 
         common = np.intersect1d(ref.ids, mine.ids)
-        if common.size == 0:
-            row["note"] = "the two runs share no sample ids"
-            continue
         label_of = _labels_by_id(mine) or _labels_by_id(ref)
         for m in shared:
             if not m.startswith("robust_accuracy:") or m not in ref or m not in mine:

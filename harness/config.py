@@ -325,9 +325,12 @@ AttackEntry = Annotated[
 
 class GateConfig(Strict):
     metric: str
-    min: Optional[float] = None
-    max: Optional[float] = None
-    max_drop: Optional[float] = Field(default=None, ge=0)
+    # a NaN threshold compares false with everything, and an infinite one judges nothing: both refused
+    min: Optional[float] = Field(default=None, allow_inf_nan=False)
+    max: Optional[float] = Field(default=None, allow_inf_nan=False)
+    max_drop: Optional[float] = Field(default=None, ge=0, allow_inf_nan=False)
+    # max_drop only: the fraction of this run's sample ids the baseline must hold for a paired test
+    min_overlap: Optional[float] = Field(default=None, gt=0, le=1)
     on_inconclusive: Optional[Literal["fail", "pass"]] = None  # None: the config's top-level `on_inconclusive`
 
     @model_validator(mode="after")
@@ -335,6 +338,8 @@ class GateConfig(Strict):
         given = [k for k in ("min", "max", "max_drop") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a gate needs exactly one of min, max, max_drop (got {', '.join(given) or 'none'})")
+        if self.min_overlap is not None and self.max_drop is None:
+            raise ValueError("min_overlap applies to max_drop gates only (it says how many samples a baseline must share)")
         return self
 
 

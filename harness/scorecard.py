@@ -13,22 +13,44 @@ from .files import atomic_path, sha256_bytes, write_text_atomic
 if TYPE_CHECKING:  # pragma: no cover
     from .outcomes import Outcomes
 
-__all__ = ["Scorecard", "SCHEMA_VERSION", "OUTPUT_FILES"]
+__all__ = ["Scorecard", "SCHEMA_VERSION", "OUTPUT_FILES", "decode_infinities"]
 
 SCHEMA_VERSION = 1
 OUTCOMES_FILE = "outcomes.json"  # as harness.outcomes names it; repeated so loading this module stays free of numpy
 OUTPUT_FILES = ("scorecard.json", "report.html", "junit.xml", "summary.md", OUTCOMES_FILE)
+_SAVE_HASHES = ("outputs", "verdict_sha256")  # what save() itself writes into provenance
 REQUIRED_KEYS = ("schema_version", "name", "passed", "verdict", "metrics", "gates", "attacks", "probes", "defenses", "checks", "provenance")
 
 
 def _clean(obj: Any) -> Any:
-    """JSON has no NaN: a non-finite float becomes null rather than an invalid file."""
+    """JSON has no NaN or infinity: inf becomes the string "inf" ("-inf"), which `decode_infinities` reads back
+    (an unbroken median perturbation is a real, passing value), and NaN becomes null (never a pass)."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        if math.isnan(obj):
+            return None
+        return obj if math.isfinite(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
         return {k: _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
+    return obj
+
+
+_INF = {"inf": math.inf, "-inf": -math.inf}
+# fields that hold names, never numbers: a label spelled "inf" stays a string
+_NAMES = frozenset({"id", "name", "label", "epsilon", "norm", "metric", "op", "kind", "status", "verdict", "test", "pairing",
+                    "reason", "detail", "why", "method", "interval_method", "source", "backend", "fraction"})
+
+
+def decode_infinities(obj: Any, key: Optional[str] = None) -> Any:
+    """The inverse of `_clean` for infinities: "inf"/"-inf" in a numeric field is a float again (a
+    record from scorecard.json or `Scorecard.to_dict()` becomes one that renders and gates as run)."""
+    if isinstance(obj, str):
+        return _INF.get(obj, obj) if key not in _NAMES else obj
+    if isinstance(obj, dict):
+        return {k: (v if k == "provenance" else decode_infinities(v, k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_infinities(v, key) for v in obj]
     return obj
 
 
@@ -38,20 +60,10 @@ def _write_bytes_atomic(path: Path, data: bytes) -> str:
     return sha256_bytes(data)
 
 
-def _same_samples(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two records' sample ids name the same samples: ids index a split, so the data source
-    and split must match; data given as Python objects has no stable name, so its hash must match."""
-    pa, pb = a.get("provenance", {}), b.get("provenance", {})
-    if (pa.get("data_source"), pa.get("split")) != (pb.get("data_source"), pb.get("split")):
-        return False
-    if str(pa.get("data_source", "")).startswith("python:"):
-        return pa.get("dataset_sha256") == pb.get("dataset_sha256")
-    return True
-
-
 def read_record(path: Union[str, Path]) -> tuple[dict[str, Any], Path]:
     """A scorecard.json (or the directory holding one) as a dict of this schema version, and its path;
-    BadInput naming the file when it is missing, unreadable, not an object or of another version."""
+    BadInput naming the file when it is missing, unreadable, not an object or of another version.
+    Infinities written as "inf" come back as float inf."""
     p = Path(path)
     if p.is_dir():
         p = p / "scorecard.json"
@@ -65,7 +77,7 @@ def read_record(path: Union[str, Path]) -> tuple[dict[str, Any], Path]:
         raise BadInput(str(p), "not a scorecard: the JSON is not an object")
     if record.get("schema_version") != SCHEMA_VERSION:
         raise BadInput(str(p), f"unsupported scorecard schema_version {record.get('schema_version')!r} (valid: {SCHEMA_VERSION})")
-    return record, p
+    return decode_infinities(record), p
 
 
 class Scorecard:
@@ -79,7 +91,7 @@ class Scorecard:
         missing = [k for k in REQUIRED_KEYS if k not in record]
         if missing:
             raise ValueError(f"a scorecard record needs the keys {', '.join(missing)}")
-        self.record = record
+        self.record = decode_infinities(record)  # a record as saved (inf spelled "inf") gates like the run's
         self.outcomes = outcomes
 
     name = property(lambda self: self.record["name"])
@@ -104,22 +116,24 @@ class Scorecard:
     def save(self, directory: Union[str, Path]) -> Path:
         """Writes report.html, junit.xml, summary.md, outcomes.json (when there are outcomes) and
         scorecard.json, each atomically; scorecard.json last, naming the others' sha256 in
-        provenance.outputs so they can be verified."""
+        provenance.outputs and the digest of its verdict fields in provenance.verdict_sha256 (see
+        harness.provenance.verdict_digest) so they can be verified."""
         from . import render
+        from .provenance import verdict_digest
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         clean = self.to_dict()
-        prov = {k: v for k, v in clean["provenance"].items() if k != "outputs"}
-        record = {**clean, "provenance": prov}  # renderings never show a previous save's hashes
+        prov = {k: v for k, v in clean["provenance"].items() if k not in _SAVE_HASHES}
+        record = decode_infinities({**clean, "provenance": prov})  # renderings never show a previous save's hashes; inf shows as ∞
         texts = {"report.html": render.report_html(record), "junit.xml": render.junit_xml(record), "summary.md": render.summary_md(record)}
         if self.outcomes is not None:
             texts[OUTCOMES_FILE] = self.outcomes.to_json()
         else:  # a stale file from another run must not be paired with this card
             (out / OUTCOMES_FILE).unlink(missing_ok=True)
         outputs = {name: _write_bytes_atomic(out / name, text.encode("utf-8")) for name, text in texts.items()}
-        own = {k: v for k, v in self.record["provenance"].items() if k != "outputs"}
-        self.record = {**self.record, "provenance": {**own, "outputs": outputs}}
+        own = {k: v for k, v in self.record["provenance"].items() if k not in _SAVE_HASHES}
+        self.record = {**self.record, "provenance": {**own, "outputs": outputs, "verdict_sha256": verdict_digest(self.record)}}
         write_text_atomic(out / "scorecard.json", self.to_json())  # last: its presence means the run is whole
         partial = out / "scorecard.partial.json"
         if partial.exists():
@@ -140,19 +154,19 @@ class Scorecard:
                 on_inconclusive: Optional[str] = None) -> "Scorecard":
         """The same results judged again, with other gates and/or against a baseline; no re-run.
 
-        max_drop gates are paired over per-sample outcomes when both cards carry them for the same
-        data. `on_inconclusive` overrides the policy the card was judged with (record["on_inconclusive"]).
+        max_drop gates are paired over per-sample outcomes when harness.outcomes.pairing finds both
+        cards scored the same samples. `on_inconclusive` overrides the policy the card was judged with
+        (record["on_inconclusive"]).
         """
         from .gates import gates_from_records, judge_gates, overall_verdict
-        from .metrics import metric_counts
+        from .metrics import interval_methods, metric_counts, metric_intervals
 
         policy = on_inconclusive or self.record.get("on_inconclusive") or "fail"
         gate_cfgs = list(gates) if gates is not None else gates_from_records(self.gates)
-        paired = (baseline is not None and self.outcomes is not None and baseline.outcomes is not None
-                  and _same_samples(self.record, baseline.record))
         judged = judge_gates(gate_cfgs, self.metrics, metric_counts(self.record), None if baseline is None else baseline.metrics,
-                             outcomes=self.outcomes if paired else None, baseline_outcomes=baseline.outcomes if paired else None,
-                             baseline_counts=None if baseline is None else metric_counts(baseline.record), on_inconclusive=policy)
+                             outcomes=self.outcomes, baseline_outcomes=None if baseline is None else baseline.outcomes,
+                             baseline_counts=None if baseline is None else metric_counts(baseline.record), on_inconclusive=policy,
+                             intervals=metric_intervals(self.record), interval_methods=interval_methods(self.record))
         passed, verdict = overall_verdict(judged, self.checks)
         record = {**self.record, "gates": judged, "passed": passed, "verdict": verdict}
         if on_inconclusive is not None:
@@ -162,7 +176,7 @@ class Scorecard:
     def _repr_html_(self) -> str:
         from .render import compact_html
 
-        return compact_html(self.to_dict())
+        return compact_html(decode_infinities(self.to_dict()))
 
     def __repr__(self) -> str:
         return f"<Scorecard {self.name!r} {self.verdict}: {len(self.gates)} gate(s), {len(self.attacks)} attack result(s)>"

@@ -7,7 +7,7 @@ from harness.config import GateConfig, parse_config
 from harness.errors import BadInput
 from harness.gates import gates_from_records, judge_gates, overall_verdict
 from harness.metrics import newcombe_interval, paired_drop_interval, wilson_interval
-from harness.outcomes import Outcomes
+from harness.outcomes import Outcomes, sample_digests
 
 M = {"clean_accuracy": 0.96, "robust_accuracy:pgd-linf@0.1": 0.40}
 N = {"clean_accuracy": 450, "robust_accuracy:pgd-linf@0.1": 450}
@@ -101,12 +101,24 @@ def test_max_drop_without_baseline_counts_is_a_point_comparison():
     bad = judge_gates(gate, M, N, baseline={ROBUST: 0.45})
     assert ok[0]["verdict"] == "pass" and ok[0]["baseline"] == 0.41 and ok[0]["delta"] == pytest.approx(-0.01)
     assert ok[0]["test"] == "point" and ok[0]["drop"] == pytest.approx(0.01) and ok[0]["drop_ci95"] is None
+    assert ok[0]["interval_method"] == "point" and "judged on its point value" in ok[0]["reason"]
     assert bad[0]["verdict"] == "fail" and "dropped 0.0500" in bad[0]["reason"]
-    none = judge_gates(gate, M, N)
-    assert none[0]["verdict"] == "inconclusive" and "--baseline" in none[0]["reason"] and not none[0]["passed"]
-    assert judge_gates(gate, M, N, on_inconclusive="pass")[0]["passed"]  # the policy covers "no baseline yet"
-    missing = judge_gates(gate, M, N, baseline={})
-    assert missing[0]["verdict"] == "inconclusive" and "no such metric" in missing[0]["reason"]
+
+
+def test_max_drop_without_a_baseline_value_fails_whatever_the_policy():
+    # a missing baseline is a configuration error, not sampling noise: on_inconclusive cannot pass it
+    gate = [GateConfig(metric=ROBUST, max_drop=0.02, on_inconclusive="pass")]
+    for baseline, why in [(None, "no --baseline scorecard was given"), ({}, f"the baseline scorecard has no metric {ROBUST}"),
+                          ({ROBUST: None}, "is not a number"), ({ROBUST: float("nan")}, "is not a number")]:
+        (g,) = judge_gates(gate, M, N, baseline=baseline, on_inconclusive="pass")
+        assert g["verdict"] == "fail" and g["passed"] is False and why in g["reason"], baseline
+        assert overall_verdict([g], []) == (False, "fail")
+
+
+def _digests(ids) -> np.ndarray:
+    """Digests of stand-in samples: sample i is an image of the value i, labelled i % 10."""
+    ids = np.asarray(ids)
+    return sample_digests(ids.reshape(-1, 1, 1, 1).astype(np.float32), ids % 10)
 
 
 def _paired(n10: int, n01: int, n11: int, n00: int, seed: int = 0) -> tuple[Outcomes, Outcomes]:
@@ -114,7 +126,7 @@ def _paired(n10: int, n01: int, n11: int, n00: int, seed: int = 0) -> tuple[Outc
     before = np.array([1] * n11 + [1] * n10 + [0] * n01 + [0] * n00, dtype=bool)
     now = np.array([1] * n11 + [0] * n10 + [1] * n01 + [0] * n00, dtype=bool)
     ids = np.random.default_rng(seed).permutation(len(before)) * 3 + 7  # stable ids need not be 0..n-1
-    return Outcomes(ids, {ROBUST: now}), Outcomes(ids, {ROBUST: before})
+    return Outcomes(ids, {ROBUST: now}, digests=_digests(ids)), Outcomes(ids, {ROBUST: before}, digests=_digests(ids))
 
 
 def _judge_paired(n10, n01, n11, n00, max_drop=0.02, **kw):
@@ -127,11 +139,21 @@ def _judge_paired(n10, n01, n11, n00, max_drop=0.02, **kw):
     return g
 
 
-def test_max_drop_identical_outcomes_pass_even_at_zero():
+def test_max_drop_identical_outcomes_at_zero_are_inconclusive():
+    # nothing flipped on 400 pairs: the paired interval still spans +-z^2/(n + z^2) ~ 0.0095, so
+    # "no drop at all" cannot be shown; any positive allowance above it passes
     g = _judge_paired(0, 0, 220, 180, max_drop=0.0)
-    assert g["verdict"] == "pass" and g["test"] == "mcnemar" and g["p_value"] == 1.0
-    assert g["drop"] == 0.0 and g["drop_ci95"] == [0.0, 0.0] and g["n_pairs"] == 400
+    assert g["verdict"] == "inconclusive" and g["test"] == "mcnemar" and g["p_value"] == 1.0 and not g["passed"]
+    assert g["pairing"] == "paired" and g["interval_method"] == "tango-score"
+    assert g["drop"] == 0.0 and g["drop_ci95"] == pytest.approx([-0.009512, 0.009512], abs=1e-6) and g["n_pairs"] == 400
     assert g["flipped"] == {"worse": [], "better": [], "n_worse": 0, "n_better": 0}
+    assert _judge_paired(0, 0, 220, 180, max_drop=0.01)["verdict"] == "pass"
+
+
+def test_max_drop_zero_on_ten_unchanged_samples_is_not_a_conclusive_pass():
+    # the review's case: ten samples, none flipped; the old interval [0, 0] passed max_drop 0 conclusively
+    g = _judge_paired(0, 0, 6, 4, max_drop=0.0)
+    assert g["verdict"] == "inconclusive" and g["drop_ci95"] == pytest.approx([-0.277533, 0.277533], abs=1e-6)
 
 
 def test_max_drop_small_drop_with_many_flips_is_inconclusive():
@@ -168,7 +190,8 @@ def test_max_drop_lists_the_flipped_ids():
 
 def test_max_drop_pairs_only_the_shared_ids():
     now, base = _paired(10, 0, 50, 40)
-    extra = Outcomes(np.concatenate([base.ids, [10_000, 10_001]]), {ROBUST: np.concatenate([base.flags[ROBUST], [True, True]])})
+    ids = np.concatenate([base.ids, [10_000, 10_001]])
+    extra = Outcomes(ids, {ROBUST: np.concatenate([base.flags[ROBUST], [True, True]])}, digests=_digests(ids))
     (g,) = judge_gates([GateConfig(metric=ROBUST, max_drop=0.5)], {ROBUST: 0.5}, {ROBUST: 100}, {ROBUST: 0.6},
                        outcomes=now, baseline_outcomes=extra, baseline_counts={ROBUST: 102})
     assert g["test"] == "mcnemar" and g["n_pairs"] == 100 and g["n10"] == 10
@@ -205,7 +228,7 @@ def test_overall_verdict():
 
 def test_gates_round_trip_through_records():
     gates = [GateConfig(metric="clean_accuracy", min=0.9, on_inconclusive="pass"), GateConfig(metric=ROBUST, max=0.45),
-             GateConfig(metric=ROBUST, max_drop=0.01, on_inconclusive="fail")]
+             GateConfig(metric=ROBUST, max_drop=0.01, on_inconclusive="fail"), GateConfig(metric=ROBUST, max_drop=0.05, min_overlap=0.9)]
     records = judge_gates(gates, M, N, on_inconclusive="pass")
     assert gates_from_records(records) == gates  # the inherited "pass" is not frozen into the second gate
     old = [{"metric": "clean_accuracy", "op": ">=", "threshold": 0.9}]  # a record from before policies
@@ -222,3 +245,13 @@ def test_config_policy_keys():
         with pytest.raises(BadInput) as e:
             parse_config(raw, "suite.yaml")
         assert e.value.where == where and "'fail' or 'pass'" in e.value.problem and "'maybe'" in e.value.problem
+
+
+def test_a_gate_on_a_non_adaptive_defense_figure_carries_a_warning():
+    metrics = {"detection_rate:mahal/worst-linf@0.1": 0.9, "detection_rate:mahal/adaptive-linf@0.1": 0.1,
+               "robust_accuracy:jpeg-naive/pgd-linf@0.1": 0.9, "robust_accuracy:jpeg/pgd-linf@0.1": 0.1}
+    gates = [GateConfig(metric=m, min=0.5) for m in metrics]
+    naive, adaptive, naive_pre, adaptive_pre = judge_gates(gates, metrics, {m: 1000 for m in metrics})
+    assert "detection_rate:mahal/adaptive-linf@0.1" in naive["warning"] and "warning" not in adaptive
+    assert "robust_accuracy:jpeg/pgd-linf@0.1" in naive_pre["warning"] and "warning" not in adaptive_pre
+    assert naive["verdict"] == "pass" and adaptive["verdict"] == "fail"  # a warning informs, it does not judge

@@ -12,7 +12,7 @@ from harness.config import GateConfig
 from harness.errors import BadInput
 from harness.files import sha256_file
 from harness.metrics import mcnemar_p_value, metric_intervals, newcombe_interval, paired_drop_interval, wilson_interval
-from harness.outcomes import Outcomes
+from harness.outcomes import Outcomes, sample_digests
 from harness.scorecard import Scorecard
 
 ROBUST = "robust_accuracy:pgd-linf@0.1"
@@ -41,12 +41,13 @@ def test_mcnemar_matches_scipy_binomial_test():
 
 
 def test_paired_drop_interval_reference_values():
-    # Wilson for 10 of 12 discordant pairs is [0.5520, 0.9530]; over 100 pairs the drop is 0.12 * (2p - 1)
-    lo, hi = paired_drop_interval(10, 2, 100)
-    assert (lo, hi) == pytest.approx((0.12 * (2 * 0.5520 - 1), 0.12 * (2 * 0.9530 - 1)), abs=1e-4)
-    assert lo < (10 - 2) / 100 < hi
-    assert paired_drop_interval(0, 0, 50) == (0.0, 0.0)
-    assert paired_drop_interval(0, 4, 10) == pytest.approx((-0.4, 0.4 * (2 * wilson_interval(0, 4)[1] - 1)))
+    # Tango's (1998) score interval, against published examples computed by ratesci::pairbinci and
+    # contingencytables (b = n10, c = n01): Tango's own (9, 3 of 32), Agresti & Min 2005 (16, 8 of 86),
+    # Fagerland et al. 2014's Bentur data (1, 7 of 21), and 0, 1 of 44 at 90%
+    assert paired_drop_interval(9, 3, 32) == pytest.approx((-0.027, 0.390), abs=5e-4)
+    assert paired_drop_interval(16, 8, 86) == pytest.approx((-0.020, 0.207), abs=5e-4)
+    assert paired_drop_interval(1, 7, 21) == pytest.approx((-0.517, -0.026), abs=5e-4)
+    assert paired_drop_interval(0, 1, 44, z=1.6448536269514722) == pytest.approx((-0.096, 0.037), abs=5e-4)
     a, b = paired_drop_interval(7, 3, 500)
     c, d = paired_drop_interval(3, 7, 500)
     assert (a, b) == pytest.approx((-d, -c))  # swapping the runs mirrors the interval
@@ -54,16 +55,28 @@ def test_paired_drop_interval_reference_values():
         paired_drop_interval(6, 6, 10)
 
 
-def test_paired_drop_interval_covers_the_true_drop():
-    # 4,000 simulated paired evaluations of 300 samples (10% got worse, 6% better): the 95% interval
-    # should hold the true drop 0.04 about 95% of the time (conditioning on D costs a little coverage)
+def test_paired_drop_interval_with_no_discordant_pair_widens_with_one_over_n():
+    # nothing changed on n samples: the interval is +-z^2/(n + z^2), not [0, 0]; ten samples show little
+    z2 = 1.959963984540054 ** 2
+    for n in (10, 100, 1000):
+        assert paired_drop_interval(0, 0, n) == pytest.approx((-z2 / (n + z2), z2 / (n + z2)), rel=1e-9)
+    assert paired_drop_interval(0, 0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+
+
+@pytest.mark.parametrize("n, p_worse, p_better", [(300, 0.01, 0.0), (1000, 0.006, 0.002), (50, 0.0, 0.0),
+                                                  (50, 0.03, 0.03), (300, 0.10, 0.06)])
+def test_paired_drop_interval_covers_the_true_drop(n, p_worse, p_better):
+    # 4,000 simulated paired evaluations (seeded) per case: the nominal 95% interval holds the true drop
+    # p_worse - p_better at least 93% of the time, from D = 0 to D ~ 50. The interval conditioned on D
+    # that it replaces covered 0.568 at (300, 1%, 0) and 0.817 at (1000, 0.6%, 0.2%).
     rng = np.random.default_rng(0)
-    counts = rng.multinomial(300, [0.10, 0.06, 0.84], size=4000)
+    counts = rng.multinomial(n, [p_worse, p_better, 1 - p_worse - p_better], size=4000)
+    cache: dict = {}
     hits = 0
-    for n10, n01, _ in counts:
-        lo, hi = paired_drop_interval(int(n10), int(n01), 300)
-        hits += lo <= 0.04 <= hi
-    assert 0.93 <= hits / 4000 <= 0.97
+    for n10, n01, _ in counts.tolist():
+        lo, hi = cache.setdefault((n10, n01), paired_drop_interval(n10, n01, n))
+        hits += lo - 1e-12 <= p_worse - p_better <= hi + 1e-12
+    assert hits / 4000 >= 0.93
 
 
 def test_newcombe_reference_values():
@@ -201,13 +214,15 @@ def test_outcomes_from_an_evaluation():
 
 # --- scorecard files ------------------------------------------------------------------------------
 
-def _card(n: int = 200, outcomes: bool = True, robust: float = 0.5, **prov) -> Scorecard:
+def _card(n: int = 200, outcomes: bool = True, robust: float = 0.5, data: int = 0, **prov) -> Scorecard:
+    """A card over n samples; `data` picks the stand-in images (another value: other samples at the same ids)."""
     rng = np.random.default_rng(1)
     clean = np.ones(n, dtype=bool)
     clean[: n // 10] = False
     rob = np.zeros(n, dtype=bool)
     rob[rng.permutation(np.flatnonzero(clean))[: round(robust * n)]] = True
-    o = Outcomes(np.arange(n), {"clean_accuracy": clean, ROBUST: rob, WORST: rob}) if outcomes else None
+    digests = sample_digests(np.arange(data, data + n, dtype=np.float32).reshape(n, 1, 1, 1), np.arange(n) % 10)
+    o = Outcomes(np.arange(n), {"clean_accuracy": clean, ROBUST: rob, WORST: rob}, digests=digests) if outcomes else None
     return Scorecard(_record(n, clean=clean.mean(), robust=rob.mean(), **prov), o)
 
 
@@ -287,10 +302,11 @@ def test_rejudge_pairs_outcomes_and_keeps_the_policy(tmp_path):
     # a card re-judged with its own gates keeps each gate's own policy
     own = now.rejudge([GateConfig(metric=ROBUST, max_drop=0.02, on_inconclusive="pass")], base)
     assert own.rejudge(baseline=base).passed and own.rejudge(baseline=base).gates[0]["on_inconclusive_from"] == "gate"
-    # outcomes of another dataset cannot be paired: the unpaired interval instead
-    elsewhere = _card(robust=0.5, data_source="npz:other.npz")
-    assert now.rejudge(gate, elsewhere).gates[0]["test"] == "unpaired"
-    assert now.rejudge(gate, _card(robust=0.5, outcomes=False)).gates[0]["test"] == "unpaired"
+    # outcomes of other samples at the same ids cannot be paired: the unpaired interval instead, saying why
+    elsewhere = now.rejudge(gate, _card(robust=0.5, data=1, data_source="npz:other.npz")).gates[0]
+    assert elsewhere["test"] == "unpaired" and elsewhere["pairing"].startswith("unpaired: 200 of the 200 shared sample ids hold different")
+    lacking = now.rejudge(gate, _card(robust=0.5, outcomes=False)).gates[0]
+    assert lacking["test"] == "unpaired" and lacking["pairing"] == "unpaired: no per-sample outcomes (outcomes.json) for the baseline"
 
 
 def test_rejudge_without_a_baseline_judges_intervals():
