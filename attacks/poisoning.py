@@ -216,6 +216,9 @@ class ProbeResult:
     seconds: float
     model: nn.Module
     poisoned_train: Pair
+    # (test samples the unpoisoned baseline got right and the poisoned model wrong, and the reverse):
+    # both models are scored on the same test points, so their accuracy difference is a paired one
+    discordant: Optional[tuple[int, int]] = None
 
     def metrics(self, subject: Optional[str] = None, fraction: Optional[str] = None) -> dict[str, float]:
         """The scorecard's metric ids, `family:<probe>@<fraction>` (the fraction as the config wrote it)."""
@@ -301,13 +304,16 @@ class Poisoning:
         if target is not None and target > int(max(y_tr.max(), y_te.max())):
             raise ValueError(f"target class {target} does not occur in the data")
         reference = self._train(make_model, x_tr, y_tr, plan, device, seed) if self._wants_baseline() else None
-        baseline = None if reference is None else accuracy(reference, x_te, y_te, device)
+        right_before = None if reference is None else _predict(reference, x_te, device) == y_te.cpu()
         x_p, y_p, ids = self.poison(train, fraction, seed, reference, device)
         model = self._train(make_model, x_p, y_p, plan, device, seed)
+        right = _predict(model, x_te, device) == y_te.cpu()
+        baseline = None if right_before is None else float(right_before.float().mean())
+        discordant = None if right_before is None else (int((right_before & ~right).sum()), int((~right_before & right).sum()))
         return ProbeResult(probe=self.name, fraction=fraction, attack_success_rate=self._success(model, x_te, y_te, device),
-                           clean_accuracy=accuracy(model, x_te, y_te, device), clean_accuracy_baseline=baseline,
+                           clean_accuracy=float(right.float().mean()), clean_accuracy_baseline=baseline,
                            n_poisoned=len(ids), poisoned_ids=ids, target=target, seconds=round(time.perf_counter() - t0, 3),
-                           model=model, poisoned_train=(x_p, y_p))
+                           model=model, poisoned_train=(x_p, y_p), discordant=discordant)
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,16 @@ A detector is fitted on clean data and scores inputs, higher meaning more suspic
 
     det = MahalanobisDetector().fit(model, x_fit, y_fit)
     scores = det.score(model, x)                        # (n,)
-    evaluate_detector(det, model, x_fit, y_fit, x_clean, x_adv, fpr=0.05)
+    evaluate_detector(det, model, x_fit, y_fit, x_clean, x_adv, fpr=0.05, x_calib=x_calib)
 
-``evaluate_detector`` sets the threshold on held-out clean scores at a fixed false-positive rate
-and reports the detection rate of adversarial examples there, and the AUROC. ``mahalanobis``
-needs no extra library; ``alibi`` runs an alibi-detect outlier detector (its PyTorch backend) on
-the logits and needs the optional ``[alibi]`` extra -- alibi-detect is under the Business Source
-License, not an open-source one: check it fits your use.
+``evaluate_detector`` sets the threshold on clean calibration scores at a fixed false-positive
+rate and reports, on other clean points, the false-positive rate reached, and the detection rate
+of adversarial examples there, and the AUROC, each with a 95% interval. ``DetectorAware`` is the
+attack that knows the detector (the classifier's margin plus the detector's score, Carlini &
+Wagner 2017). ``mahalanobis`` needs no extra library; ``alibi`` runs an alibi-detect outlier
+detector (its PyTorch backend) on the logits and needs the optional ``[alibi]`` extra --
+alibi-detect is under the Business Source License, not an open-source one: check it fits your
+use. Its scores are computed in NumPy, so it has no gradient for the detector-aware attack.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Protocol
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import torch
 from torch import nn
@@ -29,7 +32,7 @@ from torch import nn
 from .registry import DEFENSES
 
 __all__ = ["Detector", "MahalanobisDetector", "AlibiDetector", "evaluate_detector", "auroc", "threshold_at_fpr",
-           "ALIBI_METHODS", "ALIBI_INSTALL"]
+           "ALIBI_METHODS", "ALIBI_INSTALL", "DetectorAware"]
 
 ALIBI_INSTALL = "pip install 'harness[alibi]'"
 # alibi-detect's outlier detectors with a PyTorch backend (0.12+); the older Mahalanobis, OutlierAE
@@ -39,6 +42,10 @@ _ALIBI_DEFAULTS: dict[str, dict[str, Any]] = {"KNN": {"k": 5}, "LOF": {"k": 10},
 
 
 class Detector(Protocol):
+    """What the harness needs of a detector. One that also has ``differentiable_score(model, x)`` (its
+    score with the autograd graph kept) is attacked through it by DetectorAware; one without is attacked
+    through a Mahalanobis surrogate fitted on the same points (harness.variants)."""
+
     kind: ClassVar[str]  # "detector"
 
     def fit(self, model: nn.Module, x_clean: torch.Tensor, y_clean: Optional[torch.Tensor] = None) -> "Detector": ...
@@ -97,9 +104,20 @@ class MahalanobisDetector:
             raise RuntimeError("fit the detector on clean data before scoring")
         z = _logits(model, x, self.batch_size).double()
         means, precision = self.means.to(z.device), self.precision.to(z.device)
+        return self._distance(z, means, precision).float()
+
+    def differentiable_score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The score with its graph kept, for an attack that knows the detector (see DetectorAware)."""
+        if self.means is None or self.precision is None:
+            raise RuntimeError("fit the detector on clean data before scoring")
+        z = model(x).double()
+        return self._distance(z, self.means.to(z.device), self.precision.to(z.device)).float()
+
+    @staticmethod
+    def _distance(z: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
         diff = z[:, None, :] - means[None, :, :]  # (n, classes, d)
-        squared = torch.einsum("ncd,de,nce->nc", diff, precision, diff).clamp_min(0)
-        return squared.amin(dim=1).sqrt().float()
+        squared = torch.einsum("ncd,de,nce->nc", diff, precision, diff).clamp_min(1e-12)  # sqrt'(0) is infinite
+        return squared.amin(dim=1).sqrt()
 
 
 def _alibi_present() -> bool:
@@ -197,32 +215,109 @@ def auroc(clean_scores: torch.Tensor, adv_scores: torch.Tensor) -> float:
 
 
 def evaluate_detector(detector: Any, model: nn.Module, x_fit: Optional[torch.Tensor], y_fit: Optional[torch.Tensor],
-                      x_clean: torch.Tensor, x_adv: torch.Tensor, fpr: float = 0.05) -> dict[str, Any]:
+                      x_clean: torch.Tensor, x_adv: torch.Tensor, fpr: float = 0.05,
+                      x_calib: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """Fits `detector` on (x_fit, y_fit) -- skipped when x_fit is None, for a detector already
-    fitted -- and judges it on held-out clean inputs and adversarial ones.
+    fitted -- sets its threshold on the clean inputs `x_calib` at `fpr`, and judges it on other
+    clean inputs `x_clean` and on adversarial ones `x_adv`.
 
-    The threshold is set on the clean scores at `fpr` (x_clean must not overlap x_fit, or the
-    false-positive rate is optimistic); returns plain numbers: threshold, the target fpr, the
-    clean_fpr actually reached, detection_rate on x_adv, auroc, n_clean, n_adv, and n_nonfinite
-    (scores that were not finite numbers, counted as most suspicious; threshold None if it is one).
+    A false-positive rate measured on the points its threshold was set on is the target rate by
+    construction, not a measurement: without `x_calib`, x_clean's even positions set the threshold
+    and its odd ones are judged. None of them may overlap x_fit. Returns plain numbers: threshold,
+    the target fpr, the clean_fpr reached on the judged clean points (n_false_positives of
+    n_clean), detection_rate (n_detected of n_adv), auroc (judged clean against adversarial), their
+    95% intervals (`*_ci95`: Wilson; the AUROC's a Hanley-McNeil score interval), n_calib and
+    n_nonfinite (scores that were not finite numbers, counted as most suspicious; threshold None if
+    it is one).
     """
+    from harness.metrics import auroc_interval, wilson_interval
+
+    if x_calib is None:
+        x_calib, x_clean = x_clean[0::2], x_clean[1::2]
+    if x_calib.shape[0] == 0 or x_clean.shape[0] == 0:
+        raise ValueError(f"a detector needs clean points to set its threshold on and others to judge it on, "
+                         f"got {x_calib.shape[0]} and {x_clean.shape[0]}")
     if x_fit is not None:
         detector.fit(model, x_fit, y_fit)
-    clean = detector.score(model, x_clean).detach().flatten().double()
-    adv = detector.score(model, x_adv).detach().flatten().double()
-    assert clean.numel() == x_clean.shape[0] and adv.numel() == x_adv.shape[0], "a detector returns one score per input"
+    scores = [detector.score(model, x).detach().flatten().double() for x in (x_calib, x_clean, x_adv)]
+    assert [s.numel() for s in scores] == [x_calib.shape[0], x_clean.shape[0], x_adv.shape[0]], "a detector returns one score per input"
     # A score that is not a number (a diverged fit, an overflowing input) counts as most suspicious;
     # n_nonfinite says how many there were, so a broken detector shows instead of ranking at random.
-    nonfinite = int((~torch.isfinite(clean)).sum() + (~torch.isfinite(adv)).sum())
-    clean, adv = (torch.where(torch.isfinite(s), s, math.inf) for s in (clean, adv))
-    t = threshold_at_fpr(clean, fpr)
+    nonfinite = sum(int((~torch.isfinite(s)).sum()) for s in scores)
+    calib, clean, adv = (torch.where(torch.isfinite(s), s, math.inf) for s in scores)
+    t = threshold_at_fpr(calib, fpr)
+    false_pos, detected = int((clean > t).sum()), int((adv > t).sum())
+    n_clean, n_adv = int(clean.numel()), int(adv.numel())
+    auc = auroc(clean, adv) if n_adv else float("nan")
     return {
         "threshold": t if math.isfinite(t) else None,
         "fpr": float(fpr),
-        "clean_fpr": float((clean > t).double().mean()),
-        "detection_rate": float((adv > t).double().mean()) if adv.numel() else float("nan"),
-        "auroc": auroc(clean, adv) if adv.numel() else float("nan"),
-        "n_clean": int(clean.numel()),
-        "n_adv": int(adv.numel()),
+        "clean_fpr": false_pos / n_clean,
+        "clean_fpr_ci95": list(wilson_interval(false_pos, n_clean)),
+        "detection_rate": detected / n_adv if n_adv else float("nan"),
+        "detection_rate_ci95": list(wilson_interval(detected, n_adv)),
+        "auroc": auc,
+        "auroc_ci95": list(auroc_interval(auc, n_adv, n_clean)) if n_adv else [0.0, 1.0],
+        "n_calib": int(calib.numel()),
+        "n_clean": n_clean,
+        "n_false_positives": false_pos,
+        "n_adv": n_adv,
+        "n_detected": detected,
         "n_nonfinite": nonfinite,
     }
+
+
+@dataclass(frozen=True, eq=False)
+class DetectorAware:
+    """PGD against a classifier guarded by a detector, after Carlini & Wagner 2017 ("Adversarial
+    Examples Are Not Easily Detected", https://arxiv.org/abs/1705.07263): per sample it descends
+
+        max(z_y - max_{j != y} z_j, -kappa) + lam * score(x) / scale
+
+    so the example must both cross the decision boundary (by a margin kappa, past which the first
+    term is flat) and look clean. C&W search their constant per sample; here each lam of `lambdas`
+    runs in turn (0 first: plain margin PGD, so nothing breakable is lost) and each sample keeps
+    the misclassified iterate with the lowest score seen, else its lowest-margin one. `score` is
+    the detector's differentiable score, `scale` a typical clean score that puts lam on a fixed
+    footing. Step size 2.5 * epsilon / steps (Madry's schedule), from a random start.
+    """
+
+    score: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    scale: float = 1.0
+    steps: int = 40
+    lambdas: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0, 10.0)
+    kappa: float = 1.0
+    access: ClassVar[str] = "white-box"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not self.lambdas or min(self.lambdas) < 0 or self.kappa < 0 or not self.scale > 0:
+            raise ValueError("steps >= 1, lambdas non-empty and >= 0, kappa >= 0 and scale > 0 are required")
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Any, *,
+                 generator: Optional[torch.Generator] = None, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x.detach()
+        best, best_score = x.clone(), torch.full((x.shape[0],), math.inf, device=x.device)
+        best_margin = torch.full_like(best_score, math.inf)
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        step = (threat.per_sample(x) * 2.5 / self.steps).view(-1, *([1] * (x.dim() - 1)))
+        with torch.enable_grad():  # callers may hold no_grad; the attack still needs input gradients
+            for lam in self.lambdas:
+                x_adv = threat.random_start(x, generator)
+                for t in range(self.steps + 1):
+                    x_adv.requires_grad_(True)
+                    logits = model(x_adv)
+                    own = logits.gather(1, y[:, None]).squeeze(1)
+                    margin = own - logits.scatter(1, y[:, None], -math.inf).amax(dim=1)
+                    s = self.score(model, x_adv)
+                    now = margin < 0
+                    better = torch.where(fooled, now & (s < best_score), now | (margin < best_margin))
+                    best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv.detach(), best)
+                    best_score = torch.where(better, s.detach(), best_score)
+                    best_margin = torch.where(better, margin.detach(), best_margin)
+                    fooled = fooled | now
+                    if t == self.steps:
+                        break
+                    objective = margin.clamp_min(-self.kappa) + lam * s / self.scale
+                    (grad,) = torch.autograd.grad(objective.sum(), x_adv)
+                    x_adv = threat.project(x_adv.detach() - step * threat.normalize_grad(grad), x)
+        return best

@@ -111,6 +111,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                     rec = {"id": entry.probe_id, "name": entry.name, "kind": "model-scan", **_plain(res),
                            "seconds": round(time.perf_counter() - t0, 3)}
                     metrics_of = {metric_id("anomaly_index", "neural-cleanse"): rec.get("anomaly_index")}
+                    rec["metric_intervals"] = {metric_id("anomaly_index", "neural-cleanse"): _point(ANOMALY_WHY)}
                 else:
                     train = train if train is not None else train_loader()
                     report = _scan_training_set(entry.name, model, train.x.to(device), train.y.to(device), None, entry.params)
@@ -121,6 +122,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                            "n_flagged": len(ids), "flagged_fraction": len(ids) / max(1, len(train)),
                            "flagged_file": f"scans/{entry.probe_id}.json", "seconds": round(time.perf_counter() - t0, 3)}
                     metrics_of = {metric_id("flagged_fraction", entry.probe_id): rec["flagged_fraction"]}
+                    rec["metric_intervals"] = {metric_id("flagged_fraction", entry.probe_id): _wilson(len(ids), len(train))}
                 rec["metrics"] = metrics_of
                 emit(unit, rec)
             records.append(rec)
@@ -155,8 +157,12 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                 ms = {metric_id("clean_accuracy", entry.probe_id, f.label): rec["clean_accuracy"]}
                 if rec.get("attack_success_rate") is not None:
                     ms[metric_id("attack_success_rate", entry.probe_id, f.label)] = rec["attack_success_rate"]
+                intervals: dict[str, dict] = {}
                 if entry.name == "label-flip" and rec.get("clean_accuracy_baseline") is not None:
-                    ms[metric_id("clean_accuracy_cost", entry.probe_id, f.label)] = rec["clean_accuracy_baseline"] - rec["clean_accuracy"]
+                    cost = metric_id("clean_accuracy_cost", entry.probe_id, f.label)
+                    ms[cost] = rec["clean_accuracy_baseline"] - rec["clean_accuracy"]
+                    intervals[cost] = _paired_cost(getattr(res, "discordant", None), len(test))
+                    rec["n_discordant"] = list(res.discordant) if getattr(res, "discordant", None) is not None else None
                 poisoned_x, poisoned_y = getattr(res, "poisoned_train", (train.x, train.y))
                 for scan in entry.scans:
                     subject = f"{entry.probe_id}/{scan}"
@@ -164,6 +170,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                         nc = _neural_cleanse(res.model, test.x.to(device), test.y.to(device), num_classes, {})
                         rec["scans"].append({"scan": scan, **_plain(nc)})
                         ms[metric_id("anomaly_index", subject, f.label)] = nc.get("anomaly_index")
+                        intervals[metric_id("anomaly_index", subject, f.label)] = _point(ANOMALY_WHY)
                     else:
                         planted = [int(j) for j in getattr(res, "poisoned_ids", [])]
                         knobs = {}
@@ -178,17 +185,47 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                                              "flagged_file": f"scans/{entry.probe_id}@{f.label}-{scan}.json"})
                         ms[metric_id("scan_precision", subject, f.label)] = report.get("precision")
                         ms[metric_id("scan_recall", subject, f.label)] = report.get("recall")
+                        hits = int(report.get("true_positives", 0))
+                        intervals[metric_id("scan_precision", subject, f.label)] = _wilson(hits, int(report["n_flagged"]))
+                        intervals[metric_id("scan_recall", subject, f.label)] = _wilson(hits, int(report.get("n_poisoned", 0)))
                 if all(hasattr(probe, k) for k in ("size", "position", "pattern")):
                     from attacks.poisoning import trigger_image
 
                     from .images import png_base64
 
                     rec["trigger"] = png_base64(trigger_image(tuple(test.x.shape[1:]), probe.size, probe.position, probe.pattern))
-                rec["metrics"] = ms
+                rec["metrics"], rec["metric_intervals"] = ms, intervals
                 emit(unit, rec)
             records.append(rec)
             metrics.update(rec["metrics"])
     return records, {k: v for k, v in metrics.items() if v is not None}
+
+
+ANOMALY_WHY = ("the anomaly index is one class's distance from the median reversed-trigger norm over the model's classes, "
+               "in units of their median absolute deviation: a statistic of one optimisation per class on one model, with "
+               "no sampling model to put an interval on; it is judged on its point value")
+
+
+def _point(why: str) -> dict[str, Any]:
+    return {"ci95": None, "method": "point", "n": None, "why": why}
+
+
+def _wilson(successes: int, n: int) -> dict[str, Any]:
+    """A proportion's interval entry; on no trial at all [0, 1], since nothing was measured."""
+    from .metrics import wilson_interval
+
+    return {"ci95": [round(v, 6) for v in wilson_interval(successes, n)], "method": "wilson", "n": int(n)}
+
+
+def _paired_cost(discordant: Optional[tuple[int, int]], n: int) -> dict[str, Any]:
+    """The label-flip probe's accuracy cost (baseline minus poisoned) is a difference of two models'
+    accuracies on the same test points: a paired interval (Tango's score interval) from the discordant counts."""
+    from .metrics import paired_drop_interval
+
+    if discordant is None or n <= 0:
+        return _point("the per-sample outcomes of the baseline were not kept (a run saved before they were): no paired interval")
+    lo, hi = paired_drop_interval(discordant[0], discordant[1], n)
+    return {"ci95": [round(lo, 6), round(hi, 6)], "method": "tango-score", "n": int(n)}
 
 
 def scans_module():

@@ -249,6 +249,10 @@ def test_result_fields_per_probe(small, plan):
     assert list(flip.metrics()) == ["clean_accuracy:label-flip@0.1"]
     rec = flip.record()
     assert rec["clean_accuracy_cost"] == pytest.approx(flip.clean_accuracy_baseline - flip.clean_accuracy)
+    # both models scored on the same test points: the cost is the difference of the discordant pairs
+    n10, n01 = flip.discordant
+    assert flip.clean_accuracy_baseline - flip.clean_accuracy == pytest.approx((n10 - n01) / len(test[1]))
+    assert with_base.discordant == (0, 0) and bad.discordant is None
     assert rec["n_poisoned"] == 40 and rec["n_train"] == 400 and "model" not in rec
 
 

@@ -35,6 +35,13 @@ def test_badnets_backdoors_the_digits_pipeline_and_the_gate_catches_it(card):
     (scan,) = rec["scans"]
     assert scan["scan"] == "activation-clustering" and scan["recall"] is not None
     assert m["scan_recall:badnets/activation-clustering@0.1"] == scan["recall"]
+    from harness.metrics import wilson_interval
+    from tests.test_intervals import uncovered
+
+    assert not uncovered(card.record)  # precision and recall on their own denominators, Wilson
+    recall = rec["metric_intervals"]["scan_recall:badnets/activation-clustering@0.1"]
+    assert recall["n"] == rec["n_poisoned"]
+    assert recall["ci95"] == [round(v, 6) for v in wilson_interval(scan["true_positives"], rec["n_poisoned"])]
     flagged = json.loads((out / scan["flagged_file"]).read_text())
     assert len(flagged["flagged_ids"]) == scan["n_flagged"]
     html = (out / "report.html").read_text()
