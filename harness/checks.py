@@ -1,11 +1,13 @@
 """Evaluation validity checks: can the suite's robustness numbers be trusted?
 
 Each check is a plain function returning one record ``{"name", "status", "detail"}`` with status
-``pass``, ``warn`` or ``fail`` (after AutoAttack's checks and Carlini et al. 2019, "On evaluating
-adversarial robustness", https://arxiv.org/abs/1902.06705). The detail states the measured figure
-and, for a warn or a fail, what to do about it. The checks are cheap: each looks at a
-deterministic sample of at most ``sample`` points, never changes the model's train/eval mode and
-takes its devices from the tensors it is given. Like the runner, they trust no attack: every
+``pass``, ``warn``, ``fail`` or ``skipped`` (after AutoAttack's checks and Carlini et al. 2019, "On
+evaluating adversarial robustness", https://arxiv.org/abs/1902.06705). The detail states the measured
+figure and, for a warn or a fail, what to do about it. A check with nothing to examine (no correctly
+classified point, no survivor, no pair of attacks to compare) is ``skipped`` with the reason, never
+``pass``: a pass says something was looked at and found sound. A skipped check never fails a run.
+The checks are cheap: each looks at a deterministic sample of at most ``sample`` points, never
+changes the model's train/eval mode and takes its devices from the tensors it is given. Like the runner, they trust no attack: every
 adversarial batch is clipped to the input bounds, checked against its budget and re-scored here.
 """
 
@@ -22,9 +24,9 @@ from attacks import ATTACKS, BOUNDS, ThreatModel
 from .models import looks_like_probabilities
 
 __all__ = ["record", "randomness", "output_logits", "gradients", "masking", "monotone", "large_epsilon",
-           "more_steps", "zero_epsilon"]
+           "more_steps", "zero_epsilon", "budget", "finite"]
 
-STATUSES = ("pass", "warn", "fail")
+STATUSES = ("pass", "warn", "fail", "skipped")
 # A point whose margin-loss input gradient is this small (L2, in [0, 1] input units) gives an
 # attack no direction; an ordinary network's is many orders of magnitude larger (see gradients()).
 TINY_GRADIENT = 1e-8
@@ -91,7 +93,7 @@ def randomness(model: torch.nn.Module, x: torch.Tensor, *, passes: int = 3, samp
     name = "randomized-model"
     xs = x[_spread(x.shape[0], sample, x.device)]
     if xs.shape[0] == 0:
-        return record(name, "pass", "no input to check")
+        return record(name, "skipped", "no input to run forward passes on")
     with torch.no_grad():
         outs = [torch.nan_to_num(model(xs).float()) for _ in range(max(2, passes))]
     first = outs[0]
@@ -117,6 +119,8 @@ def randomness(model: torch.nn.Module, x: torch.Tensor, *, passes: int = 3, samp
 
 def output_logits(logits: torch.Tensor) -> dict[str, str]:
     """"output-logits": a softmax head makes gradients vanish where the softmax saturates."""
+    if logits.numel() == 0:
+        return record("output-logits", "skipped", "no model output to look at")
     if looks_like_probabilities(logits):
         return record("output-logits", "warn", "the model outputs probabilities (rows sum to 1); the harness uses their "
                       "logarithm as logits, but gradients may still vanish where the softmax saturates")
@@ -141,7 +145,7 @@ def gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, sampl
     xs, ys = _correct_sample(model, x, y, sample)
     m = xs.shape[0]
     if m == 0:
-        return record(name, "pass", "no correctly classified point to take gradients at")
+        return record(name, "skipped", "no correctly classified point to take gradients at")
     xg = xs.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         loss = _margin_loss(model(xg), ys)
@@ -202,7 +206,7 @@ def masking(parts: Sequence[dict[str, Any]], n: int) -> dict[str, str]:
         if worst is None or count > worst[0]:
             worst = (count, f"{norm}@{eps}", by, [str(p["attack"]) for p in white])
     if worst is None:
-        return record(name, "pass", "nothing to compare: no (norm, epsilon) ran both a white-box and a black-box or noise "
+        return record(name, "skipped", "nothing to compare: no (norm, epsilon) ran both a white-box and a black-box or noise "
                       f"attack ({', '.join(idle) or 'no attack ran'})")
     count, group, by, white_names = worst
     skipped = f"; nothing to compare at {', '.join(idle)}" if idle else ""
@@ -229,6 +233,8 @@ def monotone(curves: dict[str, dict[str, list[tuple[float, float]]]], n: int) ->
     lines = 0
     for norm, per_line in curves.items():
         for line, points in per_line.items():
+            if len({eps for eps, _ in points}) < 2:
+                continue  # one epsilon: no rise to look for
             lines += 1
             low: Optional[tuple[float, float]] = None  # (eps, accuracy) of the lowest accuracy so far
             for eps, acc in sorted(points):
@@ -236,8 +242,11 @@ def monotone(curves: dict[str, dict[str, list[tuple[float, float]]]], n: int) ->
                     worst = (acc - low[1], f"{line}-{norm}" if line == "worst" else line, low[0], low[1], eps, acc)
                 if low is None or acc < low[1]:
                     low = (eps, acc)
+    if lines == 0:
+        return record(name, "skipped", "no attack (nor worst case) ran at two or more epsilons of one norm: no curve to "
+                      "check for a rise")
     if worst is None:
-        return record(name, "pass", f"robust accuracy never rises with epsilon ({lines} curve(s))")
+        return record(name, "pass", f"robust accuracy never rises with epsilon ({lines} curve(s) of two or more epsilons)")
     rise, line, e0, a0, e1, a1 = worst
     figures = f"robust accuracy of {line} rises from {a0:.4g} at epsilon {e0:g} to {a1:.4g} at {e1:g} (+{rise:.4g}; tolerance {tolerance:.4g})"
     if rise > tolerance:
@@ -260,7 +269,7 @@ def large_epsilon(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, g
     xs, ys = _correct_sample(model, x, y, sample)
     m = xs.shape[0]
     if m == 0:
-        return record(name, "pass", "no correctly classified point to attack")
+        return record(name, "skipped", "no correctly classified point to attack")
     threat = ThreatModel("linf", eps)
     attack = ATTACKS.get("pgd")(steps=steps, loss="margin", random_start=False)
     adv = attack(model, xs, ys, threat, generator=generator)
@@ -312,11 +321,11 @@ def more_steps(model: torch.nn.Module, attack: Any, x: torch.Tensor, y: torch.Te
     """
     name = "more-steps"
     if not dataclasses.is_dataclass(attack) or "steps" not in {f.name for f in dataclasses.fields(attack)}:
-        return record(name, "pass", f"not applicable: {type(attack).__name__} has no steps to double")
+        return record(name, "skipped", f"not applicable: {type(attack).__name__} has no steps to double")
     idx = _spread(x.shape[0], sample, x.device)
     m = int(idx.numel())
     if m == 0:
-        return record(name, "pass", "no point survived the suite: nothing to attack longer")
+        return record(name, "skipped", "no point survived the suite: nothing to attack longer")
     eps = threat.epsilon
     xs, ys, th = x[idx], y[idx], threat.subset(idx.to(eps.device)) if isinstance(eps, torch.Tensor) else threat
     longer = dataclasses.replace(attack, steps=2 * attack.steps)
@@ -350,7 +359,7 @@ def zero_epsilon(model: torch.nn.Module, attack: Any, x: torch.Tensor, y: torch.
     idx = _spread(x.shape[0], sample, x.device)
     m = int(idx.numel())
     if m == 0:
-        return record(name, "pass", "no input to check")
+        return record(name, "skipped", "no input to attack at epsilon 0")
     xs, ys = x[idx], y[idx]
     norm = norm or (tuple(getattr(attack, "norms", ())) or ("linf",))[0]
     threat = ThreatModel(norm, 0.0)
@@ -371,3 +380,23 @@ def zero_epsilon(model: torch.nn.Module, attack: Any, x: torch.Tensor, y: torch.
     return record(name, "fail", f"{figures}: with no budget nothing may change, so the attack ignores its budget or the model's "
                   "output is not a function of its input alone (randomness, batch statistics in training mode); no robust "
                   "accuracy from this run can be trusted until it does")
+
+
+def budget(violations: int, examined: int, tolerance: float) -> dict[str, str]:
+    """"budget": the runner's count of adversarial examples outside their budget, out of the `examined`
+    points attacked under a finite one (those outside were already counted as not adversarial)."""
+    if violations:
+        return record("budget", "fail", f"{violations} adversarial example(s) outside their budget (tolerance {tolerance:g}); "
+                      "they were counted as not adversarial")
+    if examined == 0:
+        return record("budget", "skipped", "no attack ran on any point under a finite budget: no example to check")
+    return record("budget", "pass", f"every adversarial example of {examined} attacked point(s) is inside its budget "
+                  f"(tolerance {tolerance:g}) and the [0, 1] bounds")
+
+
+def finite(nonfinite: int, n: int) -> dict[str, str]:
+    """"finite": NaN or infinite values the runner met in the clean outputs of `n` samples or in any
+    adversarial example or its scores (the clean pass always gives it something to look at)."""
+    if nonfinite:
+        return record("finite", "fail", "NaN or infinite values in model outputs or adversarial examples")
+    return record("finite", "pass", f"no NaN or infinite values in the clean outputs of {n} sample(s) or in the adversarial examples")

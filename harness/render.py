@@ -34,7 +34,7 @@ def _env():
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_TEMPLATES)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=_num, signed=_signed, ci=_ci_text)
+    env.filters.update(num=_num, signed=_signed, ci=_ci_text, gate_ci=_gate_ci)
     return env
 
 
@@ -47,6 +47,9 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_INF_TEXT = {"inf": "∞", "-inf": "−∞"}  # scorecard.json spells infinities "inf"; either form shows as ∞
+
+
 def _num(v: Any, digits: int = 4) -> str:
     if v is None:
         return "–"
@@ -55,8 +58,10 @@ def _num(v: Any, digits: int = 4) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
         return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
-    return str(v)
+    return _INF_TEXT.get(v, str(v)) if isinstance(v, str) else str(v)
 
 
 def _signed(v: Any, digits: int = 4) -> str:
@@ -64,9 +69,18 @@ def _signed(v: Any, digits: int = 4) -> str:
 
 
 def _ci_text(ci: Any, digits: int = 3) -> str:
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_number(c) for c in ci):
-        return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    ends = list(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else []
+    ends = [{"inf": math.inf, "-inf": -math.inf}.get(c, c) if isinstance(c, str) else c for c in ends]
+    if ends and all(isinstance(c, (int, float)) and not isinstance(c, bool) and not math.isnan(c) for c in ends):
+        return f"[{_num(float(ends[0]), digits)}, {_num(float(ends[1]), digits)}]"
     return "–"
+
+
+def _gate_ci(g: dict[str, Any]) -> str:
+    """A gate's 95% CI cell: its interval, or "point value" for a metric judged without one."""
+    if g.get("interval_method") == "point" and g.get("op") != "max_drop":
+        return "point value"
+    return _ci_text(g.get("ci95"))
 
 
 def _why(record: dict[str, Any]) -> list[str]:
@@ -90,7 +104,7 @@ def _tally(record: dict[str, Any]) -> str:
     status = [c.get("status") for c in checks]
     parts = [f"{sum(bool(g.get('passed')) for g in gates)} of {len(gates)} gate(s) passed"]
     if checks:
-        parts.append(f"{len(checks)} check(s): " + ", ".join(f"{status.count(s)} {s}" for s in ("pass", "warn", "fail")))
+        parts.append(f"{len(checks)} check(s): " + ", ".join(f"{status.count(s)} {s}" for s in ("pass", "warn", "fail", "skipped")))
     return "; ".join(parts)
 
 
@@ -369,6 +383,9 @@ def _context(record: dict[str, Any]) -> dict[str, Any]:
 
 def report_html(record: dict[str, Any]) -> str:
     """report.html: one self-contained page (inline CSS, SVG and PNG; a CSP that forbids any load)."""
+    from .scorecard import decode_infinities
+
+    record = decode_infinities(record)  # a record as saved spells inf "inf"; the sections compute with floats
     ctx = _context(record)
     ctx.update(classes=_classes(record), examples=_examples(record), probes=_probes(record),
                defenses=_defenses(record), provenance=_provenance(record),
@@ -378,7 +395,9 @@ def report_html(record: dict[str, Any]) -> str:
 
 def compact_html(record: dict[str, Any]) -> str:
     """The notebook view: verdict, gates and curves in one <div> whose CSS restyles nothing outside it."""
-    return _env().get_template("compact.html.j2").render(**_context(record))
+    from .scorecard import decode_infinities
+
+    return _env().get_template("compact.html.j2").render(**_context(decode_infinities(record)))
 
 
 # --- junit.xml and summary.md -------------------------------------------------------------------
@@ -393,13 +412,15 @@ def _x(text: Any) -> str:
 
 def junit_xml(record: dict[str, Any]) -> str:
     """One testcase per gate (a failure element for a gate that did not pass: failed, or inconclusive
-    under on_inconclusive: fail); failed checks in a second suite, warnings as system-out."""
+    under on_inconclusive: fail); the checks in a second suite: a failed one as a failure, a skipped one
+    (nothing to examine) as skipped, a warning as system-out."""
     name = _x(record["name"])
     gates, checks = record["gates"], record["checks"]
     gate_failures = sum(not g["passed"] for g in gates)
     check_failures = sum(c["status"] == "fail" for c in checks)
+    check_skips = sum(c["status"] == "skipped" for c in checks)
     root = ET.Element("testsuites", name=f"harness {name}", tests=str(len(gates) + len(checks)),
-                      failures=str(gate_failures + check_failures), errors="0")
+                      failures=str(gate_failures + check_failures), errors="0", skipped=str(check_skips))
     suite = ET.SubElement(root, "testsuite", name=f"gates.{name}", tests=str(len(gates)), failures=str(gate_failures),
                           errors="0", skipped="0", time=str(record["provenance"].get("duration_s") or 0.0))
     for g in gates:
@@ -410,11 +431,13 @@ def junit_xml(record: dict[str, Any]) -> str:
         elif g["verdict"] != "pass":
             ET.SubElement(case, "system-out").text = f"passed by on_inconclusive: pass; {msg}"
     csuite = ET.SubElement(root, "testsuite", name=f"checks.{name}", tests=str(len(checks)), failures=str(check_failures),
-                           errors="0", skipped="0", time="0")
+                           errors="0", skipped=str(check_skips), time="0")
     for c in checks:
         case = ET.SubElement(csuite, "testcase", classname=f"harness.{name}.checks", name=_x(c["name"]))
         if c["status"] == "fail":
             ET.SubElement(case, "failure", message=_x(c["detail"]), type="check").text = _x(c["detail"])
+        elif c["status"] == "skipped":
+            ET.SubElement(case, "skipped", message=_x(c["detail"])).text = _x(c["detail"])
         elif c["status"] == "warn":
             ET.SubElement(case, "system-out").text = _x(f"warning: {c['detail']}")
     ET.indent(root)
@@ -444,12 +467,19 @@ def summary_md(record: dict[str, Any]) -> str:
     lines += [f"- {_md(w)}" for w in why] + ([""] if why else [])
     rows = []
     for g in record["gates"]:
-        ci = _ci_text(g.get("ci95"))
+        ci = _gate_ci(g)
         if g.get("drop_ci95"):
             ci += f"; drop {_ci_text(g['drop_ci95'])}"
+        elif g.get("op") == "max_drop" and g.get("interval_method") == "point":
+            ci += "; drop: point value"
+        if g.get("pairing"):
+            ci += f"; {g['pairing'].partition(':')[0]}"
         verdict = g["verdict"] + (" (allowed)" if g["verdict"] == "inconclusive" and g.get("passed") else "")
         rows.append([_md(g["metric"]), _num(g["value"]), ci, f"{_md(g['op'])} {_md(g['threshold'])}", _num(g.get("baseline")), _md(verdict)])
     lines += _md_table(["gate", "value", "95% CI", "threshold", "baseline", "verdict"], "lrllrl", rows)
+    warned = [g for g in record["gates"] if g.get("warning")]
+    if warned:
+        lines += [""] + [f"- ⚠️ {_md(g['metric'])}: {_md(g['warning'])}" for g in warned]
     if record["attacks"]:
         rows = [[_md(a["id"]), _md(a.get("norm") or "–"), _md(a["epsilon"]), _num(a["robust_accuracy"]),
                  _num(a["attack_success_rate"]), _num(a["seconds"], 2)] for a in record["attacks"]]
@@ -457,4 +487,7 @@ def summary_md(record: dict[str, Any]) -> str:
     prov = record["provenance"]
     lines += ["", f"clean accuracy {_num(record['metrics'].get('clean_accuracy'))} on {_md(prov.get('samples', '?'))} samples; "
               f"device {_md(prov.get('device', '?'))}; seed {_md(prov.get('seed'))}; {_md(_tally(record))}"]
+    skipped = [c for c in record["checks"] if c.get("status") == "skipped"]
+    if skipped:  # a check that examined nothing vouches for nothing: say which, and why
+        lines += ["", "skipped checks (nothing to examine):"] + [f"- {_md(c.get('name'))}: {_md(c.get('detail'))}" for c in skipped]
     return "\n".join(lines) + "\n"

@@ -34,7 +34,9 @@ def survivors(model, x, y, eps: float, suite) -> tuple[torch.Tensor, torch.Tenso
 
 
 def test_record_rejects_an_unknown_status():
+    assert checks.STATUSES == ("pass", "warn", "fail", "skipped")  # the SPEC's four
     assert checks.record("x", "warn", "d") == {"name": "x", "status": "warn", "detail": "d"}
+    assert checks.record("x", "skipped", "d")["status"] == "skipped"
     with pytest.raises(AssertionError):
         checks.record("x", "ok", "d")
 
@@ -129,11 +131,21 @@ def test_gradients_warn_when_a_few_points_have_none(wrapped_digits, digits_test)
     assert "1 zero or vanishing" in rec["detail"]
 
 
-def test_checks_need_correct_points_to_judge(wrapped_digits, digits_test):
+def test_checks_without_correct_points_are_skipped_not_passed(wrapped_digits, digits_test):
     x, y = digits_test
-    wrong = (y + 1) % 10
-    assert checks.gradients(wrapped_digits, x[:20], wrong[:20])["status"] == "pass"
-    assert "no correctly classified" in checks.large_epsilon(wrapped_digits, x[:20], wrong[:20], generator=gen())["detail"]
+    wrong = (y + 1) % 10  # the digits model is right on these, so every label here is wrong
+    grad = checks.gradients(wrapped_digits, x[:20], wrong[:20])
+    assert grad == checks.record("vanishing-gradients", "skipped", "no correctly classified point to take gradients at")
+    large = checks.large_epsilon(wrapped_digits, x[:20], wrong[:20], generator=gen())
+    assert large == checks.record("large-epsilon", "skipped", "no correctly classified point to attack")
+
+
+def test_checks_without_any_input_are_skipped(wrapped_digits, digits_test):
+    x, y = digits_test[0][:0], digits_test[1][:0]
+    assert checks.randomness(wrapped_digits, x)["status"] == "skipped"
+    rec = checks.zero_epsilon(wrapped_digits, PGD(steps=2), x, y, generator=gen())
+    assert rec == checks.record("epsilon-zero", "skipped", "no input to attack at epsilon 0")
+    assert checks.output_logits(torch.zeros(0, 10))["status"] == "skipped"
 
 
 # gradient-masking
@@ -170,8 +182,10 @@ def test_masking_has_nothing_to_compare_in_a_white_box_cascade():
              part("pgd", "white-box", list(range(10, 90)), list(range(10, 40))),
              part("square", "black-box", list(range(90)), list(range(30)), norm="l2", eps="0.5")]
     rec = checks.masking(parts, 100)
-    assert rec["status"] == "pass" and rec["detail"].startswith("nothing to compare")
+    assert rec["status"] == "skipped" and rec["detail"].startswith("nothing to compare")
     assert "linf@8/255" in rec["detail"] and "l2@0.5" in rec["detail"]
+    assert checks.masking([], 100) == checks.record("gradient-masking", "skipped", "nothing to compare: no (norm, epsilon) ran "
+                                                    "both a white-box and a black-box or noise attack (no attack ran)")
 
 
 def test_masking_passes_when_the_black_box_part_came_first():
@@ -196,6 +210,18 @@ def test_monotone_on_hand_made_curves():
     # with few points the tolerance is 3/n: a one-sample rise of 1/100 is noise
     assert checks.monotone({"linf": {"pgd-linf": [(0.1, 0.5), (0.2, 0.51)]}}, 100)["status"] == "warn"
     assert checks.monotone({"linf": {"pgd-linf": [(0.1, 0.5), (0.2, 0.54)]}}, 100)["status"] == "fail"
+    assert "2 curve(s)" in checks.monotone(good, 450)["detail"]
+
+
+def test_monotone_with_one_epsilon_per_curve_is_skipped():
+    single = {"linf": {"pgd-linf": [(0.1, 0.5)], "worst": [(0.1, 0.5)]}, "l2": {"deepfool-l2": [(0.5, 0.4)]}}
+    for curves_ in (single, {}):
+        rec = checks.monotone(curves_, 100)
+        assert rec["status"] == "skipped" and "two or more epsilons" in rec["detail"], rec
+    # a one-epsilon line beside a real curve is left out of the count, not passed
+    mixed = {**single, "linf": {**single["linf"], "fgsm-linf": [(0.1, 0.6), (0.2, 0.3)]}}
+    rec = checks.monotone(mixed, 100)
+    assert rec["status"] == "pass" and "(1 curve(s) of two or more epsilons)" in rec["detail"]
 
 
 def test_monotone_reads_curves_of_a_scorecard_record():
@@ -248,9 +274,10 @@ def test_more_steps_uses_per_sample_budgets_and_skips_what_it_cannot_double(wrap
     threat = ThreatModel("linf", torch.zeros(8))  # zero budgets: nothing can be broken
     rec = checks.more_steps(wrapped_digits, PGD(steps=2), x, y, threat, generator=gen())
     assert rec["status"] == "pass" and "newly breaks 0 of 8" in rec["detail"]
-    assert "not applicable: FGSM" in checks.more_steps(wrapped_digits, FGSM(), x, y, threat, generator=gen())["detail"]
+    fgsm = checks.more_steps(wrapped_digits, FGSM(), x, y, threat, generator=gen())
+    assert fgsm == checks.record("more-steps", "skipped", "not applicable: FGSM has no steps to double")
     none = checks.more_steps(wrapped_digits, PGD(), x[:0], y[:0], threat.subset(torch.zeros(8, dtype=torch.bool)), generator=gen())
-    assert none["status"] == "pass" and "no point survived" in none["detail"]
+    assert none == checks.record("more-steps", "skipped", "no point survived the suite: nothing to attack longer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,3 +364,55 @@ def test_every_check_runs_on_the_tensors_device(digits_model, digits_test, devic
     assert checks.more_steps(model, PGD(steps=20), xs, ys, ThreatModel("linf", eps), generator=g)["status"] == "pass"
     assert checks.zero_epsilon(model, PGD(steps=5), x, y, generator=g)["status"] == "pass"
     assert checks.masking([part("pgd", "white-box", [0, 1], [0]), part("square", "black-box", [1], [1])], 100)["status"] == "warn"
+
+
+# the runner: checks the suite cannot feed are recorded as skipped, and shown as such
+
+def test_a_suite_without_what_a_check_needs_records_it_as_skipped(tmp_path):
+    """FGSM at one epsilon: no steps to double or to run at epsilon 0, one epsilon for a curve, no
+    black-box attack to compare with. Those four are skipped with the reason; the run still passes."""
+    import xml.etree.ElementTree as ET
+
+    import harness
+
+    cfg = {"name": "fgsm-only", "device": "cpu", "data": {"limit": 60, "batch_size": 60},
+           "attacks": [{"name": "fgsm", "norm": "linf", "epsilons": [0.1]}], "gates": [{"metric": "clean_accuracy", "min": 0.5}]}
+    card = harness.run(cfg, out=tmp_path, show_progress=False)
+    status = {c["name"]: c["status"] for c in card.checks}
+    skipped = sorted(k for k, v in status.items() if v == "skipped")
+    assert skipped == ["epsilon-zero", "gradient-masking", "monotone-epsilon", "more-steps"], status
+    assert {status[k] for k in ("randomized-model", "vanishing-gradients", "large-epsilon", "budget", "finite")} == {"pass"}
+    detail = {c["name"]: c["detail"] for c in card.checks}
+    assert detail["more-steps"].startswith("the suite has no white-box attack with steps")
+    assert card.passed and card.verdict == "pass" and card.exit_code == 0  # a skipped check fails nothing
+    n, k = len(card.checks), len(skipped)
+    tally = f"{n} check(s): {n - k} pass, 0 warn, 0 fail, {k} skipped"
+    summary = (tmp_path / "summary.md").read_text()
+    assert tally in summary and "- more-steps: the suite has no white-box attack" in summary
+    report = (tmp_path / "report.html").read_text()
+    assert tally in report and report.count('<tr class="row-skipped">') == k
+    suite = next(s for s in ET.parse(tmp_path / "junit.xml").getroot() if s.get("name") == "checks.fgsm-only")
+    marked = sorted(c.get("name") for c in suite if c.find("skipped") is not None)
+    assert marked == skipped and suite.get("skipped") == str(k) and suite.get("failures") == "0"
+
+
+def test_a_suite_with_no_attack_skips_every_attack_check():
+    import harness
+
+    card = harness.run({"device": "cpu", "data": {"limit": 40}, "attacks": [], "gates": []}, show_progress=False)
+    status = {c["name"]: c["status"] for c in card.checks}
+    for name in ("large-epsilon", "more-steps", "epsilon-zero", "gradient-masking", "monotone-epsilon", "budget"):
+        assert status[name] == "skipped", (name, status)
+    # what the clean pass alone examines is still judged
+    assert status["randomized-model"] == status["vanishing-gradients"] == status["finite"] == "pass"
+    assert "40 sample(s)" in next(c["detail"] for c in card.checks if c["name"] == "finite")
+
+
+def test_budget_and_finite_say_what_they_examined():
+    assert checks.budget(3, 40, 1e-6) == checks.record(
+        "budget", "fail", "3 adversarial example(s) outside their budget (tolerance 1e-06); they were counted as not adversarial")
+    assert checks.budget(0, 0, 1e-6)["status"] == "skipped"  # nothing attacked under a finite budget: nothing vouched for
+    assert checks.budget(0, 40, 1e-6)["detail"].startswith("every adversarial example of 40 attacked point(s)")
+    assert checks.finite(1, 40)["status"] == "fail"
+    assert checks.finite(0, 40) == checks.record("finite", "pass", "no NaN or infinite values in the clean outputs of 40 sample(s) "
+                                                 "or in the adversarial examples")
