@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -79,11 +80,37 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
 
     `config` is a YAML path, a dict, a Config, or None for the embedded default. `model` (a
     torch.nn.Module taking the config's preprocessing) and `data` ((x, y) tensors in [0, 1]) override
-    the config's. Bad input raises BadInput; a failed or interrupted run raises RunFailed, with
-    finished results saved to `out/scorecard.partial.json` and `out/run-state.json` as each attack
-    at each epsilon finishes. `resume=True` reuses what a run into the same `out` finished (when its
-    config, model and data hashes match) and computes only the rest.
+    the config's. The harness evaluates `model` itself, not a copy, and hands it back as it found it:
+    every parameter's requires_grad, every submodule's training mode and every tensor's device are
+    restored afterwards, also when the run fails. Bad input raises BadInput; a failed or interrupted
+    run raises RunFailed, with finished results saved to `out/scorecard.partial.json` and
+    `out/run-state.json` as each attack at each epsilon finishes. `resume=True` reuses what a run
+    into the same `out` finished (when its config, model and data hashes match) and computes only the
+    rest. While it runs, the run holds `out` (a lock file in it): a second run into the same `out`
+    raises BadInput naming the first.
     """
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            from .files import output_lock
+
+            stack.enter_context(output_lock(Path(out)))
+        if model is not None and _is_module(model):
+            from .models import kept_as_found
+
+            stack.enter_context(kept_as_found(model))
+        return _run(config, model=model, data=data, out=out, device=device, seed=seed, baseline=baseline,
+                    show_progress=show_progress, resume=resume)
+
+
+def _is_module(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def _run(config: ConfigLike, *, model: Any, data: Any, out: Optional[Union[str, Path]], device: Optional[Union[str, list]],
+         seed: Optional[int], baseline: Optional[Union[str, Path, Scorecard]], show_progress: Optional[bool], resume: bool) -> Scorecard:
+    """run(), inside the output lock and with the caller's model state kept (see run)."""
     cfg, base, label = resolve_config(config)
     if seed is not None or device is not None:
         cfg = parse_config({**cfg.model_dump(mode="json"), **({"seed": seed} if seed is not None else {}),
@@ -154,7 +181,7 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
 
     def record_of(ev, defended: Optional[tuple] = None, probed: Optional[tuple] = None) -> dict[str, Any]:
         from .images import class_records, example_records
-        from .metrics import metric_counts, metric_id, metric_intervals
+        from .metrics import interval_methods, metric_counts, metric_id, metric_intervals
 
         records, extra_metrics, extra_checks = defended or ([], {}, [])
         probe_records, probe_metrics = probed or ([], {})
@@ -165,11 +192,15 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
                "provenance": {**provenance, "duration_s": round(time.perf_counter() - t0, 3)}}
         rec["classes"] = class_records(ev, ds.y, cfg.model.num_classes)
         rec["examples"] = example_records(ev, ds)
-        rec["intervals"] = metric_intervals(rec)  # 95% Wilson, for every accuracy with a sample count
+        # 95%: Wilson for every fraction with a sample count, plus the producers' own (AUROC, medians, ...)
+        rec["intervals"] = metric_intervals(rec)
+        rec["interval_methods"] = interval_methods(rec)
         for a in rec["attacks"]:
             a["ci95"] = rec["intervals"].get(metric_id("robust_accuracy", a["id"], a["epsilon"]))
         rec["gates"] = judge_gates(cfg.gates, rec["metrics"], metric_counts(rec), None if base_card is None else base_card.metrics,
-                                   on_inconclusive=cfg.on_inconclusive)
+                                   baseline_counts=None if base_card is None else metric_counts(base_card.record),
+                                   on_inconclusive=cfg.on_inconclusive, intervals=rec["intervals"],
+                                   interval_methods=rec["interval_methods"])
         rec["passed"], rec["verdict"] = overall_verdict(rec["gates"], rec["checks"])
         return rec
 
@@ -251,7 +282,7 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
         except KeyboardInterrupt:
             raise RunFailed(f"interrupted while running probes; finished results are in {partial} (`harness run ... --resume` continues)"
                             if partial else "interrupted") from None
-    card = Scorecard(record_of(ev, defended, probed), Outcomes.from_evaluation(ev, ds.ids, ds.y)).rejudge(cfg.gates, base_card)
+    card = Scorecard(record_of(ev, defended, probed), Outcomes.from_evaluation(ev, ds.ids, ds.y, ds.x)).rejudge(cfg.gates, base_card)
     if out is not None:
         card.save(out)
         if state.exists():

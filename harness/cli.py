@@ -179,30 +179,42 @@ def run(config: Optional[Path], out: Optional[Path], device: Optional[str], base
     sys.exit(card.exit_code)
 
 
+_VERDICT_NOTES = {
+    "ok": ": the verdict fields match their digest",
+    "mismatch": ": the verdict fields (passed, verdict, gates, checks, metrics, ...) do not match their digest (expected "
+                "{expected}..., found {actual}...): the scorecard was edited after it was saved",
+    "missing": ": the scorecard records no digest of its verdict fields (provenance.verdict_sha256): an edit of them cannot be detected",
+}
+
+
 @cli.command("verify")
 @click.argument("scorecard", type=click.Path(path_type=Path))
 @_guard
 def verify_(scorecard: Path) -> None:
-    """Re-hash the files a scorecard names; exit 1 on any mismatch.
+    """Re-hash the files a scorecard names, and check its verdict; exit 1 on any mismatch.
 
     SCORECARD is a scorecard.json or its directory. Checks the inputs the run recorded (weights,
-    model file, data, config) and the outputs written beside it (report.html, junit.xml, ...).
+    model file, a python: model's source, data, config), the outputs written beside it (report.html,
+    junit.xml, ...) and its verdict fields (passed, verdict, gates, checks, metrics, ...) against the
+    digest saved with them. The digest has no key: it catches an edit, not a forgery.
     """
     from .provenance import verify
 
     rows = verify(scorecard)
-    if not rows:
-        click.echo(f"{scorecard}: the scorecard names no artifact, so there is nothing to verify")
-        sys.exit(EXIT_PASS)
+    if len(rows) == 1:
+        click.echo(f"{scorecard}: the scorecard names no artifact; only its verdict fields are checked")
     for r in rows:
-        line = f"{r['status']:<8} {r['role']:<8} {r['path']}"
-        if r["status"] == "mismatch":
+        line = f"{r['status']:<8} {r['role']:<13} {r['path']}"
+        if r["role"] == "verdict":
+            line += _VERDICT_NOTES[str(r["status"])].format(expected=str(r["expected"])[:12], actual=str(r["actual"])[:12])
+        elif r["status"] == "mismatch":
             line += f"  (expected {r['expected'][:12]}..., found {r['actual'][:12]}...)"
         click.echo(line)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "mismatch", "missing")}
     bad = counts["mismatch"] + counts["missing"]
     outputs = sum(r["role"] == "output" for r in rows)
-    click.echo(f"{'verified' if not bad else 'NOT verified'}: {len(rows) - outputs} input(s) and {outputs} output(s); "
+    inputs = sum(r["role"] not in ("output", "verdict") for r in rows)
+    click.echo(f"{'verified' if not bad else 'NOT verified'}: {inputs} input(s), {outputs} output(s) and the verdict fields; "
                f"{counts['ok']} ok, {counts['mismatch']} mismatch(es), {counts['missing']} missing")
     sys.exit(EXIT_GATE_FAILED if bad else EXIT_PASS)
 
@@ -282,8 +294,11 @@ def harden(config: Path, defense: str, out: Path, epochs: Optional[int], device:
         parse_devices(device)
     from defenses.hardening import harden as harden_model
 
-    try:
-        with _sigterm_as_interrupt():
+    from .files import exclusive
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # one training per WEIGHTS at a time: two would write its checkpoint and log over each other
+        with exclusive(out.with_name(f"{out.name}.lock"), str(out), str(out)), _sigterm_as_interrupt():
             path = harden_model(config, defense, out, resume=resume, device=device, epochs=epochs,
                                 notify=lambda text: click.echo(f"harness: {text}", err=True))
     except KeyboardInterrupt:  # outside the epochs (harden maps one during them to RunFailed)
@@ -323,13 +338,13 @@ def _listing(kind: str) -> list[str]:
         lines.append(f"({NAMING})")
         return lines
     if kind == "models":
-        from .models import model_choices
+        from .models import model_listing
 
-        return model_choices()
+        return model_listing()
     if kind == "datasets":
-        from .data import dataset_choices
+        from .data import dataset_listing
 
-        return dataset_choices()
+        return dataset_listing()
     if kind in ("defenses", "probes"):
         import dataclasses
 

@@ -1,7 +1,8 @@
 """Datasets as the harness sees them: (x, y) tensors in [0, 1], with stable sample ids.
 
-Sources: ``builtin:digits``, ``npz:PATH``, ``torchvision:NAME:ROOT`` (never downloads) and
-``imagefolder:PATH``. Everything is checked where it enters: shape, range, NaN, labels.
+Sources: ``builtin:digits``, ``npz:PATH``, ``torchvision:NAME:ROOT`` (never downloads; NAME from an
+allow-list of loaders that unpickle no unchecked file) and ``imagefolder:PATH``. Everything is
+checked where it enters: shape, range, NaN, labels.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from .errors import BadInput
 from .registry import Registry
 
-__all__ = ["Data", "DATASETS", "load_data", "digits_split", "data_from_tensors"]
+__all__ = ["Data", "DATASETS", "TORCHVISION_DATASETS", "load_data", "digits_split", "data_from_tensors", "dataset_listing"]
 
 DATASETS: Registry = Registry("dataset")
 DIGITS_SPLIT_SEED = 0  # the digits train/test split never moves, so a cached model never sees its test set
@@ -181,6 +182,37 @@ def _image_transform(image_size):
     return transforms.Compose(steps + [transforms.ToTensor()])
 
 
+# The torchvision image-classification data sets whose loaders (read in torchvision 0.29's source) unpickle
+# no file unchecked: each reads images, idx, .mat, csv or binary arrays; CIFAR's pickled batches load only
+# after each file's MD5 matches the one torchvision ships. Anything else is refused: LSUN, for one,
+# pickle.loads a cache file beside the data that nothing checks.
+TORCHVISION_DATASETS = {
+    **dict.fromkeys(("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST"), "idx files (a legacy processed/*.pt by weights-only torch.load)"),
+    **dict.fromkeys(("CIFAR10", "CIFAR100"), "pickled batches, each loaded only after its MD5 matches torchvision's"),
+    **dict.fromkeys(("SVHN", "Flowers102", "StanfordCars"), "scipy .mat files (SVHN and Flowers102 MD5-checked) and images"),
+    "STL10": "raw uint8 binaries (np.fromfile)", "USPS": "bz2 text", "SEMEION": "text (np.loadtxt), MD5-checked",
+    "FER2013": "csv", "ImageNet": "image folders and meta.bin by weights-only torch.load",
+    **dict.fromkeys(("GTSRB", "Food101", "DTD", "EuroSAT", "Country211", "FGVCAircraft", "OxfordIIITPet", "SUN397",
+                     "RenderedSST2", "Imagenette", "Caltech101", "Caltech256", "Places365"), "image files and text or csv lists"),
+}
+# loaders that call torch.load(weights_only=True): safe only where CVE-2025-32434 is fixed
+_TORCH_LOADED = {"MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "ImageNet"}
+_REFUSED = {"LSUN": "it unpickles an unchecked cache file with pickle.load"}
+
+
+def _allowed_torchvision(name: str) -> None:
+    if name not in TORCHVISION_DATASETS:
+        why = f"is refused: {_REFUSED[name]}" if name in _REFUSED else "is unknown or not allowed"
+        raise BadInput("data.source", f"torchvision data set {name!r} {why} (allowed, the loaders known not to unpickle "
+                       f"unchecked files: {', '.join(sorted(TORCHVISION_DATASETS))}; or use imagefolder:PATH or npz:PATH)")
+
+
+def torchvision_version() -> str:
+    import torchvision
+
+    return str(torchvision.__version__)
+
+
 @DATASETS.register("torchvision")
 def _torchvision(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, torch.Tensor]:
     import torchvision.datasets as tvd
@@ -188,10 +220,14 @@ def _torchvision(arg: str, split: str, base: Path, image_size) -> tuple[torch.Te
     name, _, root = arg.partition(":")
     if not root:
         raise BadInput("data.source", "torchvision data needs a local root: torchvision:NAME:ROOT (e.g. torchvision:CIFAR10:./data)")
+    _allowed_torchvision(name)
     cls = getattr(tvd, name, None)
-    valid = sorted(n for n, c in vars(tvd).items() if inspect.isclass(c) and n[0].isupper() and n not in {"VisionDataset", "DatasetFolder", "ImageFolder"})
-    if cls is None or not inspect.isclass(cls):
-        raise BadInput("data.source", f"unknown torchvision dataset {name!r} (valid: {', '.join(valid)})")
+    if not inspect.isclass(cls):
+        raise BadInput("data.source", f"torchvision {torchvision_version()} has no data set {name!r}")
+    if name in _TORCH_LOADED:
+        from .models import require_safe_torch_load
+
+        require_safe_torch_load("data.source", f"convert torchvision {name} to npz:PATH")
     path = _resolve(root, base)
     params = inspect.signature(cls).parameters
     kwargs = {"root": str(path), "transform": _image_transform(image_size)}
@@ -239,9 +275,21 @@ def dataset_choices() -> list[str]:
     return [n if n.startswith("builtin:") else f"{n}:PATH" if n != "torchvision" else "torchvision:NAME:ROOT" for n in DATASETS.names()]
 
 
+def dataset_listing() -> list[str]:
+    """`harness list datasets`: the sources, and the torchvision data sets allowed as NAME, by what they read."""
+    by_reading: dict[str, list[str]] = {}
+    for name, reads in TORCHVISION_DATASETS.items():
+        by_reading.setdefault(reads, []).append(name)
+    return dataset_choices() + ["torchvision NAME, the loaders known not to unpickle unchecked files:"] + [
+        f"  {', '.join(names)}: {reads}" for reads, names in by_reading.items()]
+
+
 def check_source(source: str) -> None:
-    """Raises BadInput for a source naming no known dataset or scheme (no file is read)."""
-    _scheme(source)
+    """Raises BadInput for a source naming no known dataset or scheme, or a torchvision data set off
+    the allow-list (no file is read)."""
+    scheme, arg = _scheme(source)
+    if scheme == "torchvision":
+        _allowed_torchvision(arg.partition(":")[0])
 
 
 def subset(n: int, limit: Optional[int], seed: int) -> torch.Tensor:

@@ -3,17 +3,20 @@
 Sources: ``builtin:digits-cnn``, ``python:module:factory``, ``torchvision:NAME`` (weights from a
 local file only) and ``torchscript:PATH``. Weights are safetensors or a plain state_dict read
 with ``torch.load(weights_only=True)``: an arbitrary pickle is refused and its code never runs.
+Two sources are code by nature and loading them runs it: ``python:`` imports a module and calls
+its factory, ``torchscript:`` runs the TorchScript program the archive holds (RUNS_CODE says so).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import pickle
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +25,8 @@ from .errors import BadInput
 from .files import sha256_file
 from .registry import Registry
 
-__all__ = ["BoundedModel", "MODELS", "load_model", "load_weights", "state_dict_sha256", "model_choices", "check_source"]
+__all__ = ["BoundedModel", "MODELS", "load_model", "load_weights", "state_dict_sha256", "model_choices", "model_listing", "kept_as_found",
+           "check_source", "TORCH_LOAD_FLOOR", "require_safe_torch_load"]
 
 MODELS: Registry = Registry("model")
 
@@ -59,6 +63,33 @@ class BoundedModel(nn.Module):
         return out
 
 
+@contextlib.contextmanager
+def kept_as_found(net: nn.Module) -> Iterator[nn.Module]:
+    """Hands `net` back as it came, however the block ends: BoundedModel freezes its parameters and
+    puts it in eval mode, and the devices move it; a caller's model must not come back changed."""
+    modes = [(m, m.training) for m in net.modules()]
+    grads = [(p, p.requires_grad) for p in net.parameters()]
+    places = [(m, kind, name, t.device) for m in net.modules() for kind in ("_parameters", "_buffers")
+              for name, t in getattr(m, kind).items() if t is not None]
+    try:
+        yield net
+    finally:
+        for m, kind, name, device in places:
+            t = getattr(m, kind).get(name)
+            if t is None or t.device == device:
+                continue
+            if kind == "_parameters":
+                t.data = t.data.to(device)  # the same Parameter object: an optimizer holding it still works
+                if t.grad is not None:
+                    t.grad = t.grad.to(device)
+            else:
+                getattr(m, kind)[name] = t.to(device)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode  # each submodule's own flag, not train() cascading one mode down
+
+
 def looks_like_probabilities(out: torch.Tensor) -> bool:
     """True when every row is non-negative, at most 1 and sums to 1: a softmax head, not logits."""
     if out.numel() == 0 or not bool(torch.isfinite(out).all()):
@@ -82,6 +113,26 @@ def _resolve(path: str, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
+# CVE-2025-32434: before torch 2.6, a crafted file could run code through torch.load(weights_only=True).
+TORCH_LOAD_FLOOR = (2, 6)
+
+
+def _torch_release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "2.5.1+cu121" or "2.6.0a0"."""
+    import re
+
+    return tuple(int(m.group()) if (m := re.match(r"\d+", part)) else 0 for part in version.split("+")[0].split(".")[:2])
+
+
+def require_safe_torch_load(where: str, instead: str = "save the weights as .safetensors") -> None:
+    """BadInput naming `where` unless the installed torch's weights-only loader is past CVE-2025-32434."""
+    version = str(torch.__version__)
+    if _torch_release(version) < TORCH_LOAD_FLOOR:
+        floor = ".".join(map(str, TORCH_LOAD_FLOOR))
+        raise BadInput(where, f"refused: torch {version} is older than {floor}, and its torch.load(weights_only=True) can be "
+                       f"made to run code (CVE-2025-32434); install torch>={floor}, or {instead}")
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from safetensors or a weights-only torch file; never an arbitrary pickle."""
     if path.is_dir():
@@ -97,6 +148,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:
             raise BadInput(str(path), f"corrupt safetensors file ({type(e).__name__}: {_one_line(e)})") from None
+    require_safe_torch_load(str(path))
     try:
         with warnings.catch_warnings():  # torch warns about unusual pickle protocols: the one error line says it all
             warnings.simplefilter("ignore")
@@ -143,20 +195,26 @@ def _builtin_digits_cnn(arg: str, num_classes: Optional[int], kwargs: dict, base
 @MODELS.register("python")
 def _python_factory(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
     module_name, attr = _python_parts(arg)
-    for path in (str(base), str(Path.cwd())):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    # the config's directory and the working directory lead the search only while the module is imported
+    # and its factory runs: left there, they would shadow other imports for the rest of the process
+    added = [p for p in dict.fromkeys((str(base), str(Path.cwd()))) if p not in sys.path]
+    sys.path[:0] = added
     try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise BadInput("model.source", f"cannot import module {module_name!r} ({type(e).__name__}: {_one_line(e)})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise BadInput("model.source", f"module {module_name!r} has no callable {attr!r}")
-    try:
-        net = factory(**kwargs)
-    except Exception as e:
-        raise BadInput("model.source", f"factory {arg} failed ({type(e).__name__}: {_one_line(e)})") from None
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise BadInput("model.source", f"cannot import module {module_name!r} ({type(e).__name__}: {_one_line(e)})") from None
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise BadInput("model.source", f"module {module_name!r} has no callable {attr!r}")
+        try:
+            net = factory(**kwargs)
+        except Exception as e:
+            raise BadInput("model.source", f"factory {arg} failed ({type(e).__name__}: {_one_line(e)})") from None
+    finally:
+        for p in added:  # only what was added here: entries the module itself put there stay
+            if p in sys.path:
+                sys.path.remove(p)
     if not isinstance(net, nn.Module):
         raise BadInput("model.source", f"factory {arg} returned {type(net).__name__}, not a torch.nn.Module")
     return net
@@ -188,9 +246,28 @@ def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path)
         raise BadInput(str(path), f"not a loadable TorchScript archive ({type(e).__name__}: {_one_line(e)})") from None
 
 
+_FORMS = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "torchscript": "torchscript:PATH"}
+
+# What loading each source executes, for `harness list models`: the weights file is never unpickled,
+# but a python: module and a TorchScript archive are code, and loading them runs it.
+RUNS_CODE = {
+    "builtin:digits-cnn": "runs only the harness's own code",
+    "python": "RUNS CODE: imports and runs the module and calls its factory (trust it as you would `import` it)",
+    "torchvision": "runs only torchvision's code (architecture from torchvision; weights from a local file only)",
+    "torchscript": "RUNS CODE: runs the TorchScript program the archive holds, when loaded and on every forward pass",
+}
+WEIGHTS_NOTE = ("weights: (any source) safetensors, or torch.load(weights_only=True) on torch >= 2.6; never unpickled "
+                "as arbitrary objects, so a weights file runs no code")
+
+
 def model_choices() -> list[str]:
-    forms = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "torchscript": "torchscript:PATH"}
-    return [forms.get(n, n) for n in MODELS.names()]
+    return [_FORMS.get(n, n) for n in MODELS.names()]
+
+
+def model_listing() -> list[str]:
+    """`harness list models`: each source's form and, plainly, whether loading it runs code of the user's."""
+    width = max(len(f) for f in model_choices())
+    return [f"{_FORMS.get(n, n):<{width}}  {RUNS_CODE.get(n, 'see its documentation')}" for n in MODELS.names()] + [WEIGHTS_NOTE]
 
 
 def _python_parts(arg: str) -> tuple[str, str]:

@@ -17,7 +17,7 @@ import yaml
 
 from harness.errors import BadInput
 from harness.provenance import (artifact, config_artifact, data_artifact, file_sha256, model_artifacts, package_versions,
-                                tree_sha256, verify)
+                                py_tree_sha256, python_artifacts, tree_sha256, verdict_digest, verify)
 
 REPO = Path(__file__).resolve().parent.parent
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -182,8 +182,11 @@ def test_package_versions_read_metadata_without_importing():
 # ---- verify -----------------------------------------------------------------------------------
 
 def _record(**provenance) -> dict:
-    return {"schema_version": 1, "name": "v", "passed": True, "verdict": "pass", "metrics": {"clean_accuracy": 1.0},
-            "gates": [], "attacks": [], "probes": [], "defenses": [], "checks": [], "provenance": {"seed": 0, **provenance}}
+    """A scorecard record whose provenance carries the digest of its verdict fields, as Scorecard.save writes it."""
+    rec = {"schema_version": 1, "name": "v", "passed": True, "verdict": "pass", "metrics": {"clean_accuracy": 1.0},
+           "gates": [], "attacks": [], "probes": [], "defenses": [], "checks": [], "provenance": {"seed": 0, **provenance}}
+    rec["provenance"].setdefault("verdict_sha256", verdict_digest(rec))
+    return rec
 
 
 @pytest.fixture
@@ -218,15 +221,17 @@ def _flip_byte(path: Path, at: int = 0) -> None:
 def test_verify_ok(run_dir, cli):
     out, inputs = run_dir
     rows = verify(out)
-    assert [r["role"] for r in rows] == ["weights", "data", "data", "config"] + ["output"] * 4
+    assert [r["role"] for r in rows] == ["weights", "data", "data", "config"] + ["output"] * 4 + ["verdict"]
     assert all(r["status"] == "ok" and r["expected"] == r["actual"] for r in rows)
     assert rows[4]["path"] == (out / "report.html").absolute().as_posix()
+    assert rows[-1]["path"] == (out / "scorecard.json").absolute().as_posix()
     assert verify(out / "scorecard.json") == rows
     result = cli("verify", str(out / "scorecard.json"))
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 9 and all(line.startswith("ok") for line in lines[:8])
-    assert lines[-1] == "verified: 4 input(s) and 4 output(s); 8 ok, 0 mismatch(es), 0 missing"
+    assert len(lines) == 10 and all(line.startswith("ok") for line in lines[:9])
+    assert lines[8].endswith("scorecard.json: the verdict fields match their digest")
+    assert lines[-1] == "verified: 4 input(s), 4 output(s) and the verdict fields; 9 ok, 0 mismatch(es), 0 missing"
 
 
 def test_verify_what_scorecard_save_wrote(tmp_path, cli):
@@ -259,7 +264,7 @@ def test_verify_mismatch_on_one_changed_byte(run_dir, cli, target):
     assert result.exit_code == 1
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("mismatch")]
     assert path.as_posix() in line and old[:12] in line and bad["actual"][:12] in line
-    assert "; 7 ok, 1 mismatch(es), 0 missing" in result.stdout
+    assert "; 8 ok, 1 mismatch(es), 0 missing" in result.stdout
 
 
 def test_verify_tree_mismatch_and_missing_files(run_dir, cli):
@@ -271,15 +276,15 @@ def test_verify_tree_mismatch_and_missing_files(run_dir, cli):
     assert status[("data", "images")] == "mismatch"
     assert status[("output", "summary.md")] == "missing" and status[("data", "test.npz")] == "missing"
     result = cli("verify", str(out))
-    assert result.exit_code == 1 and "; 5 ok, 1 mismatch(es), 2 missing" in result.stdout
+    assert result.exit_code == 1 and "; 6 ok, 1 mismatch(es), 2 missing" in result.stdout
     assert sum(line.startswith("missing") for line in result.stdout.splitlines()) == 2
 
 
 def test_verify_a_scorecard_without_artifacts(tmp_path, cli):
     (tmp_path / "scorecard.json").write_text(json.dumps(_record()))
-    assert verify(tmp_path) == []
+    assert [(r["role"], r["status"]) for r in verify(tmp_path)] == [("verdict", "ok")]
     result = cli("verify", str(tmp_path))
-    assert result.exit_code == 0 and "names no artifact" in result.stdout
+    assert result.exit_code == 0 and "names no artifact; only its verdict fields are checked" in result.stdout
 
 
 @pytest.mark.parametrize("content", [None, "{not json", json.dumps([1, 2]), json.dumps({"schema_version": 1}),
@@ -449,3 +454,127 @@ def test_real_run_stops_cleanly_on_a_signal(tmp_path, digits_model, signum):
     partial = json.loads((out / "scorecard.partial.json").read_text())
     assert partial["verdict"] == "inconclusive" and "attack_success_rate:fgsm-linf@0.01" in partial["metrics"]
     assert "robust_accuracy:pgd-linf@0.01" not in partial["metrics"]
+
+
+# ---- what decides the result: a python: model's source, and the verdict fields ------------------
+
+def test_py_tree_sha256_hashes_python_sources_only(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_bytes(b"")
+    (pkg / "sub" / "m.py").write_bytes(b"abc")
+    expected = _expected_tree([("__init__.py", "file", EMPTY_SHA256), ("sub/m.py", "file", ABC_SHA256)])
+    assert py_tree_sha256(pkg) == expected
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"compiled")  # importing writes these: they must not count
+    (pkg / "notes.txt").write_text("x")
+    assert py_tree_sha256(pkg) == expected
+    (pkg / "sub" / "m.py").write_bytes(b"abd")
+    assert py_tree_sha256(pkg) != expected
+
+
+def _package(tmp_path: Path, name: str) -> Path:
+    """tmp/<name>/{__init__,nets,helpers}.py: a python: model inside a package, with a sibling module."""
+    pkg = tmp_path / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helpers.py").write_text("WIDTH = 10\n")
+    (pkg / "nets.py").write_text("import torch\nfrom .helpers import WIDTH\n\n\ndef build():\n    torch.manual_seed(0)\n"
+                                 "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, WIDTH))\n")
+    return pkg
+
+
+def test_python_artifacts_name_the_module_and_its_package(tmp_path):
+    from harness.models import load_model
+
+    pkg = _package(tmp_path, "verifypkg_a")
+    try:
+        load_model("python:verifypkg_a.nets:build", base=tmp_path)
+        code, tree = python_artifacts("verifypkg_a.nets")
+        assert code == {"role": "model-code", "path": (pkg / "nets.py").as_posix(), "kind": "file", "sha256": file_sha256(pkg / "nets.py")}
+        assert tree == {"role": "model-package", "path": pkg.as_posix(), "kind": "py-tree", "sha256": py_tree_sha256(pkg)}
+        assert model_artifacts("python:verifypkg_a.nets:build", None, tmp_path) == [code, tree]
+        assert [a["role"] for a in python_artifacts("verifypkg_a")] == ["model-code", "model-package"]  # the package itself
+        assert python_artifacts("no_such_module_loaded") == []
+    finally:
+        for name in ("verifypkg_a", "verifypkg_a.nets", "verifypkg_a.helpers"):
+            sys.modules.pop(name, None)
+
+
+def test_verify_rehashes_a_python_models_source(tmp_path, cli):
+    import harness
+
+    pkg = _package(tmp_path, "verifypkg_b")
+    cfg = tmp_path / "suite.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "py", "device": "cpu", "model": {"source": "python:verifypkg_b.nets:build"},
+                                   "data": {"limit": 16}, "attacks": [], "gates": []}))
+    try:
+        harness.run(str(cfg), out=tmp_path / "out")
+    finally:
+        for name in ("verifypkg_b", "verifypkg_b.nets", "verifypkg_b.helpers"):
+            sys.modules.pop(name, None)
+    status = lambda: {r["role"]: r["status"] for r in verify(tmp_path / "out")}  # noqa: E731
+    assert status()["model-code"] == status()["model-package"] == "ok"
+    (pkg / "helpers.py").write_text("WIDTH = 12\n")  # a sibling the module imports: the package changed, the module did not
+    assert (status()["model-code"], status()["model-package"]) == ("ok", "mismatch")
+    (pkg / "nets.py").write_text((pkg / "nets.py").read_text() + "# edited\n")
+    assert status()["model-code"] == "mismatch"
+    result = cli("verify", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "mismatch model-code" in result.stdout and "mismatch model-package" in result.stdout
+
+
+def test_verdict_digest_covers_the_verdict_fields_only():
+    rec = _record()
+    digest = verdict_digest(rec)
+    assert len(digest) == 64 and digest == rec["provenance"]["verdict_sha256"]
+    for key, value in (("passed", False), ("verdict", "fail"), ("metrics", {"clean_accuracy": 0.99}),
+                       ("gates", [{"metric": "clean_accuracy", "passed": True}]), ("checks", [{"name": "budget", "status": "fail"}])):
+        assert verdict_digest({**rec, key: value}) != digest, key
+    assert verdict_digest({**rec, "provenance": {"seed": 1}, "examples": [1]}) == digest  # not a verdict field
+    # the record in memory, as saved ("inf" strings, null for NaN, lists) and as read back hash alike
+    inf = {**rec, "metrics": {"median_perturbation:deepfool-l2": float("inf"), "x": float("nan")}, "gates": [{"ci95": (0.1, 0.2)}]}
+    saved = {**rec, "metrics": {"median_perturbation:deepfool-l2": "inf", "x": None}, "gates": [{"ci95": [0.1, 0.2]}]}
+    assert verdict_digest(inf) == verdict_digest(saved)
+    # a known answer: the sha256 of the canonical JSON, written out by hand
+    fields = ('{"attacks":[],"certificates":null,"checks":[],"defenses":[],"gates":[],"interval_methods":null,"intervals":null,'
+              '"metrics":{"clean_accuracy":1.0},"name":"v","on_inconclusive":null,"passed":true,"probes":[],"verdict":"pass"}')
+    assert digest == hashlib.sha256(fields.encode()).hexdigest()
+
+
+def test_an_edited_verdict_fails_verify(tmp_path, cli):
+    failed = {**_record(), "passed": False, "verdict": "fail", "gates": [{"metric": "clean_accuracy", "op": ">=", "threshold": 0.9,
+                                                                       "value": 0.5, "passed": False, "verdict": "fail"}]}
+    failed["provenance"]["verdict_sha256"] = verdict_digest(failed)
+    path = tmp_path / "scorecard.json"
+    path.write_text(json.dumps(failed, indent=2))
+    assert cli("verify", str(tmp_path)).exit_code == 0
+    path.write_text(path.read_text().replace('"passed": false', '"passed": true', 1))
+    result = cli("verify", str(tmp_path))
+    assert result.exit_code == 1
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("mismatch")]
+    assert "verdict" in line and "the verdict fields (passed, verdict, gates, checks, metrics, ...) do not match their digest" in line
+    assert result.stdout.strip().splitlines()[-1].startswith("NOT verified")
+
+
+def test_a_scorecard_without_a_verdict_digest_is_not_verified(tmp_path, cli):
+    rec = _record()
+    del rec["provenance"]["verdict_sha256"]
+    (tmp_path / "scorecard.json").write_text(json.dumps(rec))
+    assert [(r["role"], r["status"]) for r in verify(tmp_path)] == [("verdict", "missing")]
+    result = cli("verify", str(tmp_path))
+    assert result.exit_code == 1 and "records no digest of its verdict fields" in result.stdout
+
+
+def test_scorecard_save_writes_the_verdict_digest(tmp_path, cli):
+    """End to end: a saved run verifies, and an edited `"passed"` in its scorecard.json does not."""
+    import harness
+
+    harness.run({"name": "saved", "device": "cpu", "data": {"limit": 16}, "attacks": [],
+                 "gates": [{"metric": "clean_accuracy", "min": 0.999}]}, out=tmp_path)
+    path = tmp_path / "scorecard.json"
+    record = json.loads(path.read_text())
+    assert record["passed"] is False and record["provenance"]["verdict_sha256"] == verdict_digest(record)
+    assert cli("verify", str(tmp_path)).exit_code == 0
+    path.write_text(path.read_text().replace('"passed": false', '"passed": true', 1))
+    result = cli("verify", str(tmp_path))
+    assert result.exit_code == 1 and "do not match their digest" in result.stdout
