@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from harness.cli import cli as group
 
 SPEC_KEYS = {"schema_version", "name", "passed", "verdict", "metrics", "gates", "attacks", "probes", "defenses", "checks", "provenance"}
-ADDED_KEYS = {"on_inconclusive", "intervals", "classes", "examples"}  # issue 4: inconclusive policy, 95% CIs; issue 5: per class, example images
+# issue 4: inconclusive policy, 95% CIs; issue 5: per class, example images; issue 11: how each interval was made
+ADDED_KEYS = {"on_inconclusive", "intervals", "classes", "examples", "interval_methods"}
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,15 @@ def test_default_run_passes_honestly(default_run):
     assert result.exit_code == 0, result.output
     card = json.loads((out / "scorecard.json").read_text())
     assert set(card) == SPEC_KEYS | ADDED_KEYS
-    assert all(lo <= m <= hi for key, (lo, hi) in card["intervals"].items() for m in [card["metrics"][key]])
+    # 95% Wilson intervals on the 450 held-out digits, computed outside the harness by inverting the
+    # score test with bisection (z = 1.959964): 442/450 correct, 401/450 robust at 0.05, 11/450 at 0.2
+    assert card["intervals"]["clean_accuracy"] == pytest.approx([0.965316, 0.990965], abs=2e-6)
+    assert card["intervals"]["robust_accuracy:worst-linf@0.05"] == pytest.approx([0.858952, 0.916650], abs=2e-6)
+    assert card["intervals"]["robust_accuracy:pgd-linf@0.2"] == pytest.approx([0.013703, 0.043236], abs=2e-6)
+    assert card["gates"][0]["ci95"] == card["intervals"]["clean_accuracy"]
     assert card["schema_version"] == 1 and card["passed"] is True and card["verdict"] == "pass"
     m = card["metrics"]
-    assert m["clean_accuracy"] >= 0.95  # the builtin model on its held-out split (measured 0.9822)
+    assert card["provenance"]["samples"] == 450 and m["clean_accuracy"] == 442 / 450  # the builtin model on its held-out split
     pgd = [m[f"robust_accuracy:pgd-linf@{e}"] for e in ("0.025", "0.05", "0.1", "0.2")]
     assert pgd == sorted(pgd, reverse=True) and pgd[0] > 0.9 and pgd[-1] < 0.1  # measured 0.96 .. 0.02
     assert m["robust_accuracy:worst-linf@0.05"] >= 0.8
@@ -109,9 +115,16 @@ def test_gate_rejudges_without_rerunning(cli, tmp_path):
 def test_baseline_max_drop(cli, tmp_path):
     cfg = _config(tmp_path, gates=[{"metric": "robust_accuracy:pgd-linf@0.1", "max_drop": 0.0}])
     result = cli("run", str(cfg), "--out", str(tmp_path / "a"))
-    assert result.exit_code == 1 and "inconclusive" in result.stdout  # no baseline: cannot be judged
+    # issue 11: a missing baseline is a configuration error, a failure whatever on_inconclusive says
+    assert result.exit_code == 1 and "needs a baseline value" in result.stdout, result.stdout
     base = tmp_path / "a" / "scorecard.json"
-    assert cli("gate", str(base), "--baseline", str(base)).exit_code == 0
+    assert json.loads(base.read_text())["gates"][0]["verdict"] == "fail"
+    # against itself no sample got worse, yet 60 samples cannot show a drop of at most 0.0: the paired
+    # interval widens with 1/n instead of vanishing at no discordant pair (issue 11)
+    same = cli("gate", str(base), "--baseline", str(base))
+    assert same.exit_code == 1 and "inconclusive" in same.stdout and "0 of 60 paired samples got worse" in same.stdout, same.stdout
+    loose = _config(tmp_path, gates=[{"metric": "robust_accuracy:pgd-linf@0.1", "max_drop": 0.2}])
+    assert cli("gate", str(base), "--config", str(loose), "--baseline", str(base)).exit_code == 0
     better = json.loads(base.read_text())
     better["metrics"]["robust_accuracy:pgd-linf@0.1"] += 0.1
     (tmp_path / "better.json").write_text(json.dumps(better))
@@ -119,11 +132,32 @@ def test_baseline_max_drop(cli, tmp_path):
     assert result.exit_code == 1 and "dropped 0.1000" in result.stdout
 
 
-def test_seed_changes_only_randomness(cli, tmp_path):
+def _sample_ids(out: Path) -> list[int]:
+    """The ids a run measured, read back from its outcomes.json (little-endian int64, base64)."""
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(json.loads((out / "outcomes.json").read_text())["ids"]), dtype="<i8").tolist()
+
+
+def test_seed_draws_the_subset_and_reproduces_the_run(cli, tmp_path):
+    from harness.data import load_data
+
     cfg = _config(tmp_path)
-    cli("run", str(cfg), "--out", str(tmp_path / "a"), "--seed", "3")
-    card = json.loads((tmp_path / "a" / "scorecard.json").read_text())
-    assert card["provenance"]["seed"] == 3 and card["provenance"]["samples"] == 60
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        assert cli("run", str(cfg), "--out", str(tmp_path / name), "--seed", seed).exit_code == 0
+    a, b, c = (json.loads((tmp_path / n / "scorecard.json").read_text()) for n in "abc")
+    assert a["provenance"]["seed"] == 3 and a["provenance"]["samples"] == 60 and c["provenance"]["seed"] == 4
+    # `limit` draws its 60 of the 450 held-out digits with the seed: the subset load_data gives for that seed
+    expected = load_data("builtin:digits", "test", limit=60, seed=3)
+    assert _sample_ids(tmp_path / "a") == expected.ids.tolist() and a["provenance"]["dataset_sha256"] == expected.sha256()
+    assert _sample_ids(tmp_path / "c") == load_data("builtin:digits", "test", limit=60, seed=4).ids.tolist()
+    assert _sample_ids(tmp_path / "c") != _sample_ids(tmp_path / "a")
+    assert c["provenance"]["dataset_sha256"] != a["provenance"]["dataset_sha256"]
+    # the same seed: the same samples, the same metrics and the same per-sample outcomes, bit for bit
+    assert _sample_ids(tmp_path / "b") == _sample_ids(tmp_path / "a") and b["metrics"] == a["metrics"]
+    assert (tmp_path / "b" / "outcomes.json").read_bytes() == (tmp_path / "a" / "outcomes.json").read_bytes()
 
 
 def test_user_text_is_escaped_in_html(cli, tmp_path):

@@ -46,8 +46,22 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+# harness.run's judgement of written weights: PGD-10 at L-inf 0.2 on the first 100 test digits
+JUDGE = {"data": {"split": "test", "limit": 100}, "attacks": [{"name": "pgd", "norm": "linf", "epsilons": [0.2], "steps": 10}]}
+JUDGED = "robust_accuracy:pgd-linf@0.2"
+
+
+@pytest.fixture(scope="module")
+def standard_judged() -> dict:
+    import harness
+
+    return harness.run(JUDGE, show_progress=False).metrics
+
+
 @pytest.mark.parametrize("name", training_defenses())
-def test_each_defense_lowers_its_loss_and_raises_robust_accuracy(name, tmp_path):
+def test_each_defense_lowers_its_loss_and_raises_robust_accuracy(name, tmp_path, standard_judged):
+    import harness
+
     out = harden(small_config(), name, tmp_path / "w.safetensors", show_progress=False, **_knobs(name))
     log = _log(out)
     records = log["epochs"]
@@ -61,6 +75,11 @@ def test_each_defense_lowers_its_loss_and_raises_robust_accuracy(name, tmp_path)
     assert kept["clean_accuracy"] >= 0.5
     assert log["knobs"]["epsilon"] == 0.2 and log["check"] == {"attack": "pgd", "steps": 10, "norm": "linf", "epsilon": "0.2", "samples": 100}
     assert log["data"]["samples"] == 300 and log["data"]["holdout"] == 100 and log["seed"] == 0 and log["device"] == "cpu"
+    # the written weights, judged by harness.run on test digits beside the standard model (measured 0.03):
+    # 0.16 (fast-at), 0.19 (pgd-at), 0.14 (trades). The same three epochs on clean inputs only (each
+    # defense's perturb returning x) reach 0.03 to 0.06, so a defense that stops attacking fails here.
+    judged = harness.run({**JUDGE, "model": {"source": "builtin:digits-cnn", "weights": str(out)}}, show_progress=False).metrics
+    assert standard_judged[JUDGED] <= 0.05 and judged[JUDGED] >= standard_judged[JUDGED] + 0.08, (judged, standard_judged)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +115,11 @@ def test_harden_writes_weights_and_log(hardened):
     assert not Path(f"{weights}.ckpt").exists()  # a finished run leaves no checkpoint
 
 
-def test_hardened_weights_run_through_harness_run(hardened, cli, tmp_path):
+def test_hardened_weights_run_through_harness_run(hardened, cli, tmp_path, digits_model):
+    import copy
+
+    from harness.data import load_data
+
     _, d, weights = hardened
     cfg = {"name": "hardened", "model": {"source": "builtin:digits-cnn", "weights": str(weights)}, "data": {"limit": 60},
            "attacks": [{"name": "pgd", "norm": "linf", "epsilons": [0.1], "steps": 5}]}
@@ -105,7 +128,15 @@ def test_hardened_weights_run_through_harness_run(hardened, cli, tmp_path):
     assert result.exit_code == 0, result.output
     card = json.loads((tmp_path / "out" / "scorecard.json").read_text())
     assert card["provenance"]["weights_sha256"] == _log(weights)["weights_sha256"]
-    assert 0.0 <= card["metrics"]["robust_accuracy:pgd-linf@0.1"] <= card["metrics"]["clean_accuracy"] <= 1.0
+    # the run measured the hardened weights, not the builtin ones: its clean accuracy is theirs, computed
+    # here on the same 60 test digits (one epoch from scratch: measured 0.27, the builtin model 0.98)
+    data = load_data("builtin:digits", "test", limit=60, seed=0)
+    net, standard = copy.deepcopy(digits_model).eval(), digits_model.eval()
+    net.load_state_dict(_weights(weights))
+    with torch.no_grad():
+        hardened_acc = int((net(data.x).argmax(dim=1) == data.y).sum()) / 60
+        standard_acc = int((standard(data.x).argmax(dim=1) == data.y).sum()) / 60
+    assert card["metrics"]["clean_accuracy"] == pytest.approx(hardened_acc) and abs(hardened_acc - standard_acc) > 0.3
 
 
 @pytest.mark.parametrize("train", [{}, {"optimizer": {"name": "sgd", "lr": 0.05}, "schedule": {"name": "cosine"}}], ids=["adam", "sgd-cosine"])
@@ -268,8 +299,10 @@ def test_pgd_at_makes_the_builtin_digits_model_robust(tmp_path):
     key = "robust_accuracy:pgd-linf@0.2"
     print(f"\nbefore: clean {before['clean_accuracy']:.4f} robust {before[key]:.4f}; "
           f"after {len(_log(weights)['epochs']) - 1} epochs in {seconds:.0f}s: clean {after['clean_accuracy']:.4f} robust {after[key]:.4f}")
-    assert before[key] < 0.1
-    assert after["clean_accuracy"] > 0.9 and after[key] >= 0.5
+    # the README's table: the standard model 0.982 clean, 0.02 robust (11 of 450, deterministic); after
+    # PGD-AT 0.978 and 0.60. Tolerance three standard errors on 450 digits: 0.021 at 0.978, 0.07 at 0.60.
+    assert before["clean_accuracy"] == pytest.approx(442 / 450) and before[key] == pytest.approx(11 / 450)
+    assert after["clean_accuracy"] == pytest.approx(0.978, abs=0.021) and after[key] == pytest.approx(0.60, abs=0.07)
 
 
 @pytest.mark.gpu

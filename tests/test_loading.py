@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,27 @@ def softmax_linear(num_classes: int = 10) -> nn.Module:
 def write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     np.savez(path, x=x, y=y)
     return path
+
+
+def data_sha256(x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> str:
+    """dataset_sha256 computed here with hashlib, from the arrays the data should hold: per array, its
+    shape, then its bytes (float32 pixels, int64 labels and ids)."""
+    h = hashlib.sha256()
+    for a in (np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64), np.ascontiguousarray(ids, np.int64)):
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """model_sha256 computed here with hashlib: per tensor in name order, its name, shape and dtype,
+    then its raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous()
+        h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 # --- npz --------------------------------------------------------------------------------------
@@ -63,6 +85,8 @@ def test_limit_is_a_deterministic_sorted_subset(tmp_path):
     c = load_data(f"npz:{path}", limit=20, seed=1)
     assert torch.equal(a.ids, b.ids) and a.sha256() == b.sha256()
     assert not torch.equal(a.ids, c.ids) and a.sha256() != c.sha256()
+    ids = a.ids.numpy()
+    assert a.sha256() == data_sha256(x[ids], (np.arange(n) % 10)[ids], ids)  # the hash names the samples measured
     assert len(a) == 20 and len(set(a.ids.tolist())) == 20
     assert a.ids.tolist() == sorted(a.ids.tolist())
     # each sample is the one its id names
@@ -177,7 +201,7 @@ def test_python_factory_gets_its_kwargs():
     model, info = load_model("python:tests.conftest:tiny_linear", kwargs={"num_classes": 3})
     assert isinstance(model.net, LinearNet) and model.net.fc.out_features == 3
     assert model(torch.zeros(5, 1, 8, 8)).shape == (5, 3)
-    assert info["source"] == "python:tests.conftest:tiny_linear" and len(info["model_sha256"]) == 64
+    assert info["source"] == "python:tests.conftest:tiny_linear" and info["model_sha256"] == state_sha256(tiny_linear(3).state_dict())
 
 
 def test_python_factory_kwargs_through_a_config(tmp_path):
@@ -200,7 +224,8 @@ def test_torchvision_resnet18_from_a_local_state_dict(tmp_path):
     assert torch.equal(model.net.fc.weight, net.fc.weight) and torch.equal(model.net.conv1.weight, net.conv1.weight)
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(model(x), net.eval()(x), atol=1e-5)
-    assert info["weights"] == str(tmp_path / "r18.pt") and len(info["weights_sha256"]) == 64
+    assert info["weights"] == str(tmp_path / "r18.pt")
+    assert info["weights_sha256"] == hashlib.sha256((tmp_path / "r18.pt").read_bytes()).hexdigest()
 
 
 def test_torchvision_model_without_weights_is_exit_2(cli, tmp_path):
@@ -223,6 +248,9 @@ def test_torchscript_round_trip(tmp_path):
 
 
 # --- weights files ----------------------------------------------------------------------------
+
+KNOWN_MODEL_SHA256 = "56f5cbdbf8cf79f3d17a077c42f2cb0722667071842ee4b050325fe10ef9e363"
+
 
 def trained_like() -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
@@ -252,7 +280,22 @@ def test_weights_forms_load_the_same_tensors(tmp_path, form):
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     model, info = load_model("python:tests.conftest:tiny_linear", weights=str(path))
     assert torch.equal(model.net.fc.weight, state["fc.weight"])
-    assert info["model_sha256"] == load_model("python:tests.conftest:tiny_linear", weights=str(path))[1]["model_sha256"]
+    # the file's bytes, and the tensors as evaluated: the same model hash whichever form carried them
+    assert info["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info["model_sha256"] == state_sha256(state)
+
+
+def test_model_hash_known_answer(tmp_path):
+    """A fixed state's digest, written down once (so state_sha256 above is pinned too); one value
+    changed by 1e-7 changes it."""
+    state = {"fc.weight": torch.arange(640, dtype=torch.float32).reshape(10, 64) / 640, "fc.bias": torch.zeros(10)}
+    assert state_sha256(state) == KNOWN_MODEL_SHA256
+    changed = {**state, "fc.bias": torch.tensor([0.0] * 9 + [1e-7])}
+    for weights, expected in ((state, KNOWN_MODEL_SHA256), (changed, state_sha256(changed))):
+        save_safetensors(tmp_path / "w.safetensors", weights)
+        _, info = load_model("python:tests.conftest:tiny_linear", weights=str(tmp_path / "w.safetensors"))
+        assert info["model_sha256"] == expected
+    assert state_sha256(changed) != KNOWN_MODEL_SHA256
 
 
 def test_weights_path_is_relative_to_base(tmp_path):
