@@ -92,12 +92,14 @@ def test_native_pgd_is_at_least_as_strong(backend, norm, eps, wrapped_digits, co
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
 def test_native_pgd_is_at_least_as_strong_with_random_starts(backend, norm, eps, wrapped_digits, correct_digits):
     """The whole test set, mean over seeds: a single seed's random starts move robust accuracy by
-    about +-0.01 on 442 points, as much as the margin under test."""
+    about +-0.01 on 442 points, as much as the margin under test. Eight seeds, not four: over four,
+    ART's L2 PGD once came out 0.0102 stronger (0.5950 vs 0.6052) where twelve seeds put the two
+    0.0026 apart (0.5982 vs 0.6009), noise; eight put the mean's noise near 0.003, well inside 0.01."""
     _require(backend)
     x, y = correct_digits
     threat = ThreatModel(norm, eps)
     native, library = PGD(steps=20, rel_stepsize=2.5 / 20), _adapter(backend, attack="pgd", steps=20, rel_stepsize=2.5 / 20)
-    seeds = range(4)
+    seeds = range(8)
     native_ra = np.mean([_robust_accuracy(wrapped_digits, native(wrapped_digits, x, y, threat, generator=torch.Generator().manual_seed(s)), y) for s in seeds])
     library_ra = np.mean([_robust_accuracy(wrapped_digits, library(wrapped_digits, x, y, threat, generator=torch.Generator().manual_seed(s)), y) for s in seeds])
     assert library_ra >= native_ra - 0.01
