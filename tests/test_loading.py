@@ -386,3 +386,20 @@ def test_builtin_training_is_deterministic():
     assert sorted(sa) == sorted(sb)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert acc_a == acc_b >= 0.95
+
+
+def test_builtin_training_does_not_depend_on_the_callers_thread_count():
+    """The cached builtin weights must be the same whichever process trains them first: a test session
+    (one torch thread) or a `harness run` (all cores). Without the recipe's own thread count, 1 and 2
+    threads give different weights."""
+    from harness.builtin import RECIPE, train_digits_cnn
+
+    recipe = {**RECIPE, "epochs": 1}
+    before = torch.get_num_threads()
+    weights = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        weights.append(train_digits_cnn(recipe)[0].state_dict())
+        assert torch.get_num_threads() == threads  # the caller's setting is restored
+    torch.set_num_threads(before)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
