@@ -21,8 +21,8 @@ from typing import Any, Callable, ClassVar, Iterator, Optional, get_args
 import numpy as np
 import torch
 
-from harness.errors import BadInput
-from harness.registry import Registry
+from harness.core.errors import BadInput
+from harness.core.registry import Registry
 
 from .threat import BOUNDS, NORMS, ThreatModel
 
@@ -46,7 +46,7 @@ class MissingDependency(BadInput, ImportError):
 def _install_hint(module: str) -> str:
     top = module.split(".")[0]
     extra = {"foolbox": "foolbox", "art": "art", "alibi_detect": "alibi"}.get(top, "all")
-    return f"this needs the optional package {top!r}: pip install 'harness[{extra}]'"
+    return f"this needs the optional package {top!r}: pip install 'robustgate[{extra}]'"
 
 
 def require(module: str):

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 
-from harness.registry import Registry
+from harness.core.registry import Registry
 
 from .threat import ThreatModel
 

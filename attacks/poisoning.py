@@ -4,7 +4,7 @@ A probe is a small frozen value holding its knobs (the house style of attacks/).
 poisoning fraction, it poisons a copy of the training set, trains the model the way the config's
 `train:` recipe does (from scratch, or fine-tuning the given weights), and measures the result::
 
-    from attacks.poisoning import PROBES
+    from harness.attacks.poisoning import PROBES
     result = PROBES.get("badnets")(target=0).run(make_model, (x_tr, y_tr), (x_te, y_te), 0.1, plan, "cpu", seed=0)
     result.attack_success_rate, result.clean_accuracy
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import Registry
+from harness.core.registry import Registry
 
 from .threat import ThreatModel
 
@@ -147,7 +147,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Any, device: U
 
     `plan` is a harness.config.TrainConfig. The batch order of each epoch comes from (seed, epoch).
     """
-    from defenses.training import learning_rate, make_optimizer, optimizer_step
+    from harness.defenses.training import learning_rate, make_optimizer, optimizer_step
 
     device = torch.device(device)
     net = _net(model)

@@ -250,7 +250,7 @@ def scan_report(flagged: torch.Tensor, poisoned_ids: Optional[Sequence[int]] = N
 def write_flagged(path: Path | str, ids: Sequence[int] | torch.Tensor, scan: Optional[str] = None) -> Path:
     """Writes ``{"scan": scan, "n_flagged": k, "flagged_ids": [...]}`` to `path` as JSON, atomically
     (``scan`` only when given)."""
-    from harness.files import write_text_atomic
+    from harness.core.files import write_text_atomic
 
     if isinstance(ids, torch.Tensor):
         if ids.dtype == torch.bool:

@@ -25,17 +25,17 @@ from typing import Callable, Optional
 
 import torch
 
-from attacks import ThreatModel
-from attacks.minimal import CarliniWagner
-from harness.models import BoundedModel
+from harness.attacks import ThreatModel
+from harness.attacks.minimal import CarliniWagner
+from harness.sources.models import BoundedModel
 
 Run = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> adversarial examples
 
 
 def digits_setup(n: int) -> tuple[BoundedModel, torch.Tensor, torch.Tensor]:
     """The builtin digits CNN and the first n test points it classifies correctly."""
-    from harness.builtin import digits_cnn
-    from harness.data import digits_split
+    from harness.sources.builtin import digits_cnn
+    from harness.sources.data import digits_split
 
     model = BoundedModel(digits_cnn()[0])
     x, y = digits_split("test")
@@ -49,7 +49,7 @@ def variants(model: BoundedModel, args: argparse.Namespace) -> dict[str, Run]:
                          initial_const=args.initial_const)
     out: dict[str, Run] = {"harness cw": lambda x, y: ours(model, x, y, ThreatModel("l2", math.inf))}
     if importlib.util.find_spec("foolbox") is None:
-        print("(foolbox is not installed: skipped; pip install 'harness[foolbox]')")
+        print("(foolbox is not installed: skipped; pip install 'robustgate[foolbox]')")
     else:
         import foolbox as fb
 
@@ -58,7 +58,7 @@ def variants(model: BoundedModel, args: argparse.Namespace) -> dict[str, Run]:
                                                    stepsize=args.stepsize, initial_const=args.initial_const)
         out["foolbox L2CarliniWagnerAttack"] = lambda x, y: fattack(fmodel, x, y, epsilons=None)[0]
     if importlib.util.find_spec("art") is None:
-        print("(art is not installed: skipped; pip install 'harness[art]')")
+        print("(art is not installed: skipped; pip install 'robustgate[art]')")
     else:
         from art.attacks.evasion import CarliniL2Method
         from art.estimators.classification import PyTorchClassifier

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks import PGD, ThreatModel
-from harness.models import BoundedModel
+from harness.attacks import PGD, ThreatModel
+from harness.sources.models import BoundedModel
 
 Run = Callable[[int], torch.Tensor]  # seed -> adversarial examples for the benchmark's points
 
@@ -81,8 +81,8 @@ class SyntheticCNN(nn.Module):
 
 
 def digits_setup() -> tuple[BoundedModel, torch.Tensor, torch.Tensor]:
-    from harness.builtin import digits_cnn
-    from harness.data import digits_split
+    from harness.sources.builtin import digits_cnn
+    from harness.sources.data import digits_split
 
     model = BoundedModel(digits_cnn()[0])
     x, y = digits_split("test")
@@ -119,24 +119,24 @@ def variants(model: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: float, 
     if runner:
         out.update(_runner_variants(model, x, y, eps, steps, rel))
     if libraries:
-        from attacks.adapters import ARTAttack, FoolboxAttack
+        from harness.attacks.adapters import ARTAttack, FoolboxAttack
 
         for module, name, attack in (("foolbox", "foolbox LinfPGD", FoolboxAttack("pgd", steps, rel)),
                                      ("art", "ART ProjectedGradientDescentPyTorch", ARTAttack("pgd", steps, rel, batch_size=len(y)))):
             if importlib.util.find_spec(module) is None:
-                print(f"({module} is not installed: skipped; pip install 'harness[{module}]')")
+                print(f"({module} is not installed: skipped; pip install 'robustgate[{module}]')")
                 continue
             out[name] = (lambda a: lambda s: a(model, x, y, threat, generator=gen(s)))(attack)
     return out
 
 
 def _runner_variants(model: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, rel: float) -> dict[str, Run]:
-    """harness.runner.run_attack on the same points: PGD plus the runner's clipping, budget check and
+    """harness.evaluation.runner.run_attack on the same points: PGD plus the runner's clipping, budget check and
     re-scoring forward pass. It returns verdicts, not examples, so these runs report robust accuracy
     directly (see `robust_accuracy`)."""
     from harness.config import AttackConfig
-    from harness.data import data_from_tensors
-    from harness.runner import run_attack
+    from harness.sources.data import data_from_tensors
+    from harness.evaluation.runner import run_attack
 
     data = data_from_tensors(x, y)
     correct = torch.ones(len(y), dtype=torch.bool)
@@ -210,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "at 0.1 every point falls in the first step and early stopping has nothing to show: try 0.01)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-libraries", action="store_true", help="skip foolbox and ART")
-    p.add_argument("--no-runner", action="store_true", help="skip harness.runner.run_attack")
+    p.add_argument("--no-runner", action="store_true", help="skip harness.evaluation.runner.run_attack")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 import harness
-from attacks import ThreatModel
-from harness.builtin import digits_cnn
-from harness.data import digits_split
-from harness.models import BoundedModel
+from harness.attacks import ThreatModel
+from harness.sources.builtin import digits_cnn
+from harness.sources.data import digits_split
+from harness.sources.models import BoundedModel
 
 
 def points(n: int):

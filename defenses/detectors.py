@@ -34,7 +34,7 @@ from .registry import DEFENSES
 __all__ = ["Detector", "MahalanobisDetector", "AlibiDetector", "evaluate_detector", "auroc", "threshold_at_fpr",
            "ALIBI_METHODS", "ALIBI_INSTALL", "DetectorAware"]
 
-ALIBI_INSTALL = "pip install 'harness[alibi]'"
+ALIBI_INSTALL = "pip install 'robustgate[alibi]'"
 # alibi-detect's outlier detectors with a PyTorch backend (0.12+); the older Mahalanobis, OutlierAE
 # and friends need TensorFlow.
 ALIBI_METHODS = ("KNN", "LOF", "Mahalanobis", "GMM", "PCA", "SVM")
@@ -44,7 +44,7 @@ _ALIBI_DEFAULTS: dict[str, dict[str, Any]] = {"KNN": {"k": 5}, "LOF": {"k": 10},
 class Detector(Protocol):
     """What the harness needs of a detector. One that also has ``differentiable_score(model, x)`` (its
     score with the autograd graph kept) is attacked through it by DetectorAware; one without is attacked
-    through a Mahalanobis surrogate fitted on the same points (harness.variants)."""
+    through a Mahalanobis surrogate fitted on the same points (harness.evaluation.variants)."""
 
     kind: ClassVar[str]  # "detector"
 
@@ -138,7 +138,7 @@ def _alibi_class(method: str) -> type:
     for cls in candidates:
         if "backend" in inspect.signature(cls).parameters:
             return cls
-    from harness.errors import BadInput
+    from harness.core.errors import BadInput
 
     raise BadInput("defense 'alibi'", f"the installed alibi-detect has no {method} detector with a PyTorch backend "
                    f"(alibi-detect >= 0.12 has {', '.join(ALIBI_METHODS)})")
@@ -150,7 +150,7 @@ class AlibiDetector:
     """An alibi-detect outlier detector, PyTorch backend, on the model's logits.
 
     ``method`` is one of ALIBI_METHODS (``KNN``: distance to the k-th nearest clean logit vector);
-    ``options`` go to its constructor (e.g. ``{"k": 5}``). Needs ``pip install 'harness[alibi]'``;
+    ``options`` go to its constructor (e.g. ``{"k": 5}``). Needs ``pip install 'robustgate[alibi]'``;
     alibi-detect is under the Business Source License.
     """
 
@@ -163,7 +163,7 @@ class AlibiDetector:
         if self.method not in ALIBI_METHODS:
             raise ValueError(f"method must be one of {', '.join(ALIBI_METHODS)}, got {self.method!r}")
         if not _alibi_present():
-            from attacks.adapters import MissingDependency
+            from harness.attacks.adapters import MissingDependency
 
             raise MissingDependency("defense 'alibi'", f"this needs the optional package 'alibi-detect': {ALIBI_INSTALL}")
         self.detector: Any = None  # fitted state, not a knob
@@ -174,7 +174,7 @@ class AlibiDetector:
         try:
             self.detector = cls(**{**_ALIBI_DEFAULTS.get(self.method, {}), **self.options}, backend="pytorch", device=z.device)
         except (TypeError, ValueError) as e:
-            from harness.errors import BadInput
+            from harness.core.errors import BadInput
 
             raise BadInput("defense 'alibi'", f"alibi-detect's {self.method} refused options {self.options}: {e}") from None
         self.detector.fit(z.float().cpu().numpy())
@@ -230,7 +230,7 @@ def evaluate_detector(detector: Any, model: nn.Module, x_fit: Optional[torch.Ten
     n_nonfinite (scores that were not finite numbers, counted as most suspicious; threshold None if
     it is one).
     """
-    from harness.metrics import auroc_interval, wilson_interval
+    from harness.verdicts.metrics import auroc_interval, wilson_interval
 
     if x_calib is None:
         x_calib, x_clean = x_clean[0::2], x_clean[1::2]

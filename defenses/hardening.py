@@ -4,7 +4,7 @@ The config's `train:` section over the builtin model's recipe (`train_plan`), ch
 epoch (safetensors, nothing pickled) so `--resume` continues bit for bit, and the weights plus a log
 of clean and robust accuracy per epoch. The defenses and their epoch loop are in defenses.training.
 
-    from defenses.hardening import harden
+    from harness.defenses.hardening import harden
     harden("configs/defended.yaml", "pgd-at", "at.safetensors", epsilon=0.2)
 """
 
@@ -34,7 +34,7 @@ def builtin_recipe(source: str) -> dict[str, Any]:
     """
     if source != "builtin:digits-cnn":
         return {}
-    from harness.builtin import RECIPE
+    from harness.sources.builtin import RECIPE
 
     return {"epochs": RECIPE["epochs"], "batch_size": RECIPE["batch_size"], "start": "scratch", "schedule": {"name": "none"},
             "optimizer": {"name": "adam", "lr": RECIPE["lr"], "weight_decay": 0.0}}
@@ -51,7 +51,7 @@ def train_plan(cfg, epochs: Optional[int] = None) -> TrainConfig:
     """The config's `train:` section over its builtin model's recipe, with `epochs` overriding both."""
     from pydantic import ValidationError
 
-    from harness.errors import BadInput
+    from harness.core.errors import BadInput
 
     given = cfg.train.model_dump(exclude_unset=True) if cfg.train is not None else {}
     merged = _merge(builtin_recipe(cfg.model.source), given)
@@ -78,7 +78,7 @@ def _save_checkpoint(path, state: TrainState, net, optimizer, scaler, fingerprin
 
     from safetensors.torch import save_file
 
-    from harness.files import atomic_path
+    from harness.core.files import atomic_path
 
     tensors = {f"model/{k}": v for k, v in _snapshot(net).items()}
     tensors.update({f"best/{k}": v for k, v in (state.best or {}).items()})
@@ -103,7 +103,7 @@ def _load_checkpoint(path, fingerprint: dict, net, optimizer, scaler) -> TrainSt
 
     from safetensors import safe_open
 
-    from harness.errors import BadInput
+    from harness.core.errors import BadInput
 
     try:
         with safe_open(str(path), "pt") as f:
@@ -130,7 +130,7 @@ def _load_checkpoint(path, fingerprint: dict, net, optimizer, scaler) -> TrainSt
 
 
 def _reinitialize(net: torch.nn.Module, seed: int) -> None:
-    from harness.errors import BadInput
+    from harness.core.errors import BadInput
 
     layers = [m for m in net.modules() if callable(getattr(m, "reset_parameters", None))]
     if not layers:
@@ -156,10 +156,10 @@ def harden(config: Any, defense: str, out: Any, *, resume: bool = False, device:
     from pathlib import Path
 
     from harness.api import resolve_config
-    from harness.data import load_data
-    from harness.devices import resolve_devices
-    from harness.errors import BadInput, RunFailed
-    from harness.models import load_model
+    from harness.sources.data import load_data
+    from harness.engines.devices import resolve_devices
+    from harness.core.errors import BadInput, RunFailed
+    from harness.sources.models import load_model
 
     started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     cfg, base, label = resolve_config(config)
@@ -251,8 +251,8 @@ def _write_outputs(out, log_path, net: torch.nn.Module, defense: AdversarialTrai
 
     from safetensors.torch import save_file
 
-    from harness.files import atomic_path, sha256_file, write_text_atomic
-    from harness.provenance import package_versions
+    from harness.core.files import atomic_path, sha256_file, write_text_atomic
+    from harness.records.provenance import package_versions
 
     name = next(n for n, obj in DEFENSES.items() if obj is type(defense))
     kept_epoch = state.best_epoch if defense.keep_best and state.best is not None else state.epoch

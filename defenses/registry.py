@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.registry import Registry
+from harness.core.registry import Registry
 
 __all__ = ["DEFENSES"]
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from attacks import FGSM, PGD, ThreatModel
+from harness.attacks import FGSM, PGD, ThreatModel
 from harness.config import TrainConfig, parse_epsilon
 
 from .registry import DEFENSES
@@ -187,7 +187,7 @@ def training_defenses() -> list[str]:
 
 def build_defense(name: str, knobs: dict[str, Any]) -> AdversarialTraining:
     """The defense `name` with `knobs`; ValueError naming the knob and the valid choices."""
-    from attacks.config import validated
+    from harness.attacks.config import validated
 
     if name not in training_defenses():
         raise ValueError(f"unknown training defense {name!r} (valid: {', '.join(training_defenses())})")
@@ -287,7 +287,7 @@ def train(defense: AdversarialTraining, model, x: torch.Tensor, y: torch.Tensor,
     Each epoch draws its data order and attack randomness from seeds of (seed, epoch) alone, so a run
     resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
     """
-    from harness.progress import progress_bar
+    from harness.core.progress import progress_bar
 
     net, state = model.net, state or TrainState()
     optimizer = optimizer or make_optimizer(plan, net)
@@ -317,7 +317,7 @@ def train(defense: AdversarialTraining, model, x: torch.Tensor, y: torch.Tensor,
                     _set_trainable(net, True)
                     loss = defense.objective(model, xb, x_adv, yb)
                 if not bool(torch.isfinite(loss)):
-                    from harness.errors import RunFailed
+                    from harness.core.errors import RunFailed
 
                     raise RunFailed(f"the training loss became {float(loss)} in epoch {epoch + 1} (lower train.optimizer.lr)")
                 optimizer_step(optimizer, loss, scaler)

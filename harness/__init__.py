@@ -16,28 +16,29 @@ __version__ = "0.1.0"
 __all__ = ["run", "gate", "compare", "harden", "Scorecard", "BadInput", "RunFailed", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import run
-    from defenses.hardening import harden
+    from harness.api import run
+    from harness.defenses.hardening import harden
 
-    from .comparison import compare
-    from .errors import BadInput, RunFailed
-    from .scorecard import Scorecard
+    from harness.reports.comparison import compare
+    from harness.core.errors import BadInput, RunFailed
+    from harness.records.scorecard import Scorecard
 
-_LAZY = {"run": ".api", "compare": ".comparison", "harden": "defenses.hardening", "Scorecard": ".scorecard", "BadInput": ".errors", "RunFailed": ".errors"}
+_LAZY = {"run": "harness.api", "compare": "harness.reports.comparison", "harden": "harness.defenses.hardening",
+         "Scorecard": "harness.records.scorecard", "BadInput": "harness.core.errors", "RunFailed": "harness.core.errors"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'harness' has no attribute {name!r}")
 
 
 def gate(scorecard: Any, config: Any = None, baseline: Any = None):
     """Judges a saved scorecard again (its own gates, or a config's) without re-running it."""
-    from .api import resolve_config
-    from .scorecard import Scorecard
+    from harness.api import resolve_config
+    from harness.records.scorecard import Scorecard
 
     card = scorecard if isinstance(scorecard, Scorecard) else Scorecard.load(scorecard)
     base = baseline if isinstance(baseline, Scorecard) or baseline is None else Scorecard.load(baseline)

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .config import Config, load_config, parse_config
-from .errors import BadInput, RunFailed
-from .files import write_text_atomic
-from .scorecard import SCHEMA_VERSION, Scorecard
+from harness.config import Config, load_config, parse_config
+from harness.core.errors import BadInput, RunFailed
+from harness.core.files import write_text_atomic
+from harness.records.scorecard import SCHEMA_VERSION, Scorecard
 
 __all__ = ["run", "resolve_config"]
 
@@ -36,7 +36,7 @@ def _resolved_suite(cfg: Config) -> str:
     changed default in another harness version changes the suite's hash), and the cascade."""
     import dataclasses
 
-    from .config import AttackConfig
+    from harness.config import AttackConfig
 
     entries = []
     for a in cfg.attacks:
@@ -58,7 +58,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _as_data(data: Any, cfg: Config):
-    from .data import Data, data_from_tensors
+    from harness.sources.data import Data, data_from_tensors
 
     if isinstance(data, Data):
         return data
@@ -91,11 +91,11 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     """
     with contextlib.ExitStack() as stack:
         if out is not None:
-            from .files import output_lock
+            from harness.core.files import output_lock
 
             stack.enter_context(output_lock(Path(out)))
         if model is not None and _is_module(model):
-            from .models import kept_as_found
+            from harness.sources.models import kept_as_found
 
             stack.enter_context(kept_as_found(model))
         return _run(config, model=model, data=data, out=out, device=device, seed=seed, baseline=baseline,
@@ -119,10 +119,10 @@ def _run(config: ConfigLike, *, model: Any, data: Any, out: Optional[Union[str, 
 
     import torch
 
-    from .devices import resolve_devices
-    from .gates import judge_gates, overall_verdict
-    from .models import BoundedModel, load_model, state_dict_sha256
-    from .runner import evaluate
+    from harness.engines.devices import resolve_devices
+    from harness.verdicts.gates import judge_gates, overall_verdict
+    from harness.sources.models import BoundedModel, load_model, state_dict_sha256
+    from harness.evaluation.runner import evaluate
 
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
@@ -131,7 +131,7 @@ def _run(config: ConfigLike, *, model: Any, data: Any, out: Optional[Union[str, 
     if data is not None:
         ds = _as_data(data, cfg)
     else:
-        from .data import load_data
+        from harness.sources.data import load_data
 
         ds = load_data(cfg.data.source, cfg.data.split, cfg.data.limit, cfg.seed, base, cfg.data.image_size)
     pre = cfg.model.preprocessing
@@ -144,13 +144,13 @@ def _run(config: ConfigLike, *, model: Any, data: Any, out: Optional[Union[str, 
     if pre.mean is not None and len(pre.mean) != ds.x.shape[1] or pre.std is not None and len(pre.std) != ds.x.shape[1]:
         raise BadInput("model.preprocessing", f"mean/std need one value per channel: the data has {ds.x.shape[1]}")
 
-    from .provenance import config_artifact, data_artifact, model_artifacts, package_versions
+    from harness.records.provenance import config_artifact, data_artifact, model_artifacts, package_versions
 
     config_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
     artifacts = [] if model is not None else model_artifacts(cfg.model.source, cfg.model.weights, base)
     if model is None and cfg.model.source == "builtin:digits-cnn":
-        from .builtin import weights_path
-        from .provenance import artifact
+        from harness.sources.builtin import weights_path
+        from harness.records.provenance import artifact
 
         artifacts.append(artifact("weights", weights_path()))  # the cached, trained builtin model the run loaded
     if data is None:
@@ -158,7 +158,7 @@ def _run(config: ConfigLike, *, model: Any, data: Any, out: Optional[Union[str, 
     artifacts += [a for a in [config_artifact(config)] if a]
     for d in cfg.defenses:
         if d.weights:
-            from .provenance import artifact
+            from harness.records.provenance import artifact
 
             artifacts.append(artifact(f"weights:{d.defense_id}", base / d.weights if not Path(d.weights).is_absolute() else Path(d.weights)))
     provenance: dict[str, Any] = {
@@ -180,8 +180,8 @@ def _run(config: ConfigLike, *, model: Any, data: Any, out: Optional[Union[str, 
     }
 
     def record_of(ev, defended: Optional[tuple] = None, probed: Optional[tuple] = None) -> dict[str, Any]:
-        from .images import class_records, example_records
-        from .metrics import interval_methods, metric_counts, metric_id, metric_intervals
+        from harness.reports.images import class_records, example_records
+        from harness.verdicts.metrics import interval_methods, metric_counts, metric_id, metric_intervals
 
         records, extra_metrics, extra_checks = defended or ([], {}, [])
         probe_records, probe_metrics = probed or ([], {})
@@ -204,7 +204,7 @@ def _run(config: ConfigLike, *, model: Any, data: Any, out: Optional[Union[str, 
         rec["passed"], rec["verdict"] = overall_verdict(rec["gates"], rec["checks"])
         return rec
 
-    from .resume import STATE_FILE, fingerprint, load_state, save_state
+    from harness.records.resume import STATE_FILE, fingerprint, load_state, save_state
 
     partial = Path(out) / "scorecard.partial.json" if out is not None else None
     state = Path(out) / STATE_FILE if out is not None else None
@@ -235,12 +235,12 @@ def _run(config: ConfigLike, *, model: Any, data: Any, out: Optional[Union[str, 
     except Exception as e:
         where = f"; finished results are in {partial}" if partial is not None and partial.exists() else ""
         raise RunFailed(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}{where}") from e
-    from .outcomes import Outcomes
+    from harness.verdicts.outcomes import Outcomes
 
     # rejudged with the per-sample outcomes, so max_drop against a baseline is a paired test
     defended = None
     if cfg.defenses:
-        from .variants import evaluate_defenses
+        from harness.evaluation.variants import evaluate_defenses
 
         def run_suite(variant, label: str):
             return evaluate(variant, ds, cfg.attacks, devices, cfg.data.batch_size, cfg.seed, cfg.model.num_classes,
@@ -257,12 +257,12 @@ def _run(config: ConfigLike, *, model: Any, data: Any, out: Optional[Union[str, 
             raise RunFailed(f"interrupted while evaluating defenses; the undefended results are in {partial}" if partial else "interrupted") from None
     probed = None
     if cfg.probes:
-        from .probes import evaluate_probes
+        from harness.evaluation.probes import evaluate_probes
 
         def train_loader():
-            from defenses.hardening import train_plan
+            from harness.defenses.hardening import train_plan
 
-            from .data import load_data
+            from harness.sources.data import load_data
 
             plan = train_plan(cfg)
             return load_data(plan.data.source or cfg.data.source, plan.data.split, plan.data.limit, cfg.seed, base, cfg.data.image_size)

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 
 import click
 
-from .errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_PASS, EXIT_RUN_FAILED, BadInput, RunFailed
+from harness.core.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_PASS, EXIT_RUN_FAILED, BadInput, RunFailed
 
 __all__ = ["main", "cli"]
 
@@ -48,7 +48,7 @@ def _guard(fn):
                 raise
             _fail(EXIT_RUN_FAILED, f"run failed: {e}")
         except ImportError as e:
-            from attacks.adapters import MissingDependency
+            from harness.attacks.adapters import MissingDependency
 
             if not isinstance(e, MissingDependency) or _State.debug:
                 raise
@@ -150,8 +150,8 @@ def run(config: Optional[Path], out: Optional[Path], device: Optional[str], base
 
     Ctrl-C or SIGTERM stops it with exit 3, keeping finished attacks; --resume continues it.
     """
-    from .api import resolve_config, run as run_suite
-    from .devices import parse_devices
+    from harness.api import resolve_config, run as run_suite
+    from harness.engines.devices import parse_devices
 
     cfg, _, _ = resolve_config(config)  # validate before anything heavy, and to name the output dir
     if device is not None:
@@ -198,7 +198,7 @@ def verify_(scorecard: Path) -> None:
     junit.xml, ...) and its verdict fields (passed, verdict, gates, checks, metrics, ...) against the
     digest saved with them. The digest has no key: it catches an edit, not a forgery.
     """
-    from .provenance import verify
+    from harness.records.provenance import verify
 
     rows = verify(scorecard)
     if len(rows) == 1:
@@ -226,7 +226,7 @@ def verify_(scorecard: Path) -> None:
 @_guard
 def gate(scorecard: Path, config: Optional[Path], baseline: Optional[Path]) -> None:
     """Judge a saved scorecard's gates again, without re-running anything."""
-    from . import gate as rejudge
+    from harness import gate as rejudge
 
     card = rejudge(scorecard, config, baseline)
     _print_summary(card, None)
@@ -244,7 +244,7 @@ def compare_(scorecards: tuple[Path, ...], out: Optional[Path], labels: tuple[st
     Each SCORECARD is a scorecard.json or its directory; the first is the reference. Exit 0 when
     compared (a comparison is not a gate), 2 when the scorecards cannot be compared.
     """
-    from .comparison import compare
+    from harness.reports.comparison import compare
 
     out = out or REPORTS / f"compare-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.html"
     comparison = compare(*scorecards, labels=list(labels) or None, out=out)
@@ -259,7 +259,7 @@ def compare_(scorecards: tuple[Path, ...], out: Optional[Path], labels: tuple[st
 @_guard
 def validate(config: Path) -> None:
     """Check a config without loading a model or data."""
-    from .config import load_config
+    from harness.config import load_config
 
     cfg, _, _ = load_config(config)
     click.echo(f"{config}: valid ({len(cfg.attacks)} attack(s), {len(cfg.gates)} gate(s), {len(cfg.metric_ids())} metric(s))")
@@ -286,15 +286,15 @@ def harden(config: Path, defense: str, out: Path, epochs: Optional[int], device:
     """
     import json
 
-    from .config import load_config
-    from .devices import parse_devices
+    from harness.config import load_config
+    from harness.engines.devices import parse_devices
 
     load_config(config)  # a bad config fails here, before torch loads
     if device is not None:
         parse_devices(device)
-    from defenses.hardening import harden as harden_model
+    from harness.defenses.hardening import harden as harden_model
 
-    from .files import exclusive
+    from harness.core.files import exclusive
 
     out.parent.mkdir(parents=True, exist_ok=True)
     try:  # one training per WEIGHTS at a time: two would write its checkpoint and log over each other
@@ -326,32 +326,32 @@ def list_(kind: Optional[str]) -> None:
 
 def _listing(kind: str) -> list[str]:
     if kind == "attacks":
-        from attacks import ATTACKS, attack_params
+        from harness.attacks import ATTACKS, attack_params
 
         lines = []
         for name, cls in ATTACKS.items():
             knobs = ", ".join(f"{f}={p.default!r}" for f, p in attack_params(cls).items())
             summary = (cls.__doc__ or "").strip().splitlines()[0]
             lines.append(f"{name:<8} norms {'/'.join(cls.norms):<8} {knobs}    {summary}")
-        from attacks.adapters import NAMING
+        from harness.attacks.adapters import NAMING
 
         lines.append(f"({NAMING})")
         return lines
     if kind == "models":
-        from .models import model_listing
+        from harness.sources.models import model_listing
 
         return model_listing()
     if kind == "datasets":
-        from .data import dataset_listing
+        from harness.sources.data import dataset_listing
 
         return dataset_listing()
     if kind in ("defenses", "probes"):
         import dataclasses
 
         if kind == "defenses":
-            from defenses import DEFENSES as registry
+            from harness.defenses import DEFENSES as registry
         else:
-            from attacks.poisoning import PROBES as registry
+            from harness.attacks.poisoning import PROBES as registry
 
         lines, width = [], max((len(n) for n in registry.names()), default=0)
         for name, obj in registry.items():
@@ -361,7 +361,7 @@ def _listing(kind: str) -> list[str]:
             summary = re.split(r"(?<=\.)\s+(?=[A-Z])", first)[0]
             lines.append(f"{name:<{width}}  {getattr(obj, 'kind', 'probe' if kind == 'probes' else ''):<13} {knobs}    {summary}")
         if kind == "probes":
-            from .probes import SCANS
+            from harness.evaluation.probes import SCANS
 
             lines.append(f"(scans, alone or as `scans:` of a probe: {', '.join(SCANS)})")
         return lines

@@ -18,7 +18,7 @@ from pydantic.functional_serializers import PlainSerializer
 from pydantic.functional_validators import BeforeValidator
 from typing_extensions import Annotated
 
-from .errors import BadInput
+from harness.core.errors import BadInput
 
 __all__ = ["Epsilon", "Config", "ModelConfig", "DataConfig", "AttackConfig", "GateConfig", "TrainConfig", "load_config", "parse_config", "DEFAULT_CONFIG_PATH"]
 
@@ -112,7 +112,7 @@ class ModelConfig(Strict):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        from .models import check_source
+        from harness.sources.models import check_source
 
         _reraise(check_source, v)
         return v
@@ -138,7 +138,7 @@ class DataConfig(Strict):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        from .data import check_source
+        from harness.sources.data import check_source
 
         _reraise(check_source, v)
         return v
@@ -166,7 +166,7 @@ class _Knobs(Strict):
 
     def _built(self, registry, what: str, also: tuple[str, ...] = ()):
         """The registered class named by `name`, made with `params`; ValueError listing the valid names."""
-        from attacks.config import validated
+        from harness.attacks.config import validated
 
         if self.name not in registry:
             raise ValueError(f"unknown {what} {self.name!r} (valid: {', '.join(registry.names() + list(also)) or 'none'})")
@@ -190,8 +190,8 @@ class AttackConfig(_Knobs):
 
     @model_validator(mode="after")
     def _attack_exists(self) -> "AttackConfig":
-        from attacks import ATTACKS
-        from attacks.base import is_minimal, supports_target
+        from harness.attacks import ATTACKS
+        from harness.attacks.base import is_minimal, supports_target
 
         if self.backend == "native" and self.name not in ATTACKS:
             raise ValueError(f"unknown attack {self.name!r} (valid: {', '.join(ATTACKS.names() + ['corruptions'])}; "
@@ -211,13 +211,13 @@ class AttackConfig(_Knobs):
 
     @property
     def minimal(self) -> bool:
-        from attacks.base import is_minimal
+        from harness.attacks.base import is_minimal
 
         return is_minimal(self.build())
 
     def build(self):
         """The attack value (native, or an adapter over foolbox/ART) with this entry's knobs."""
-        from attacks.config import build_attack
+        from harness.attacks.config import build_attack
 
         return build_attack(self.name, self.norm, self.backend, self.params)
 
@@ -238,7 +238,7 @@ class DefenseConfig(_Knobs):
 
     @model_validator(mode="after")
     def _defense_exists(self) -> "DefenseConfig":
-        from .variants import defense_kind
+        from harness.evaluation.variants import defense_kind
 
         kind = defense_kind(self.build())  # validates the name and knobs before any model loads
         if kind == "trained" and not self.weights:
@@ -253,7 +253,7 @@ class DefenseConfig(_Knobs):
         return self.id or self.name
 
     def build(self):
-        from defenses import DEFENSES
+        from harness.defenses import DEFENSES
 
         return self._built(DEFENSES, "defense")
 
@@ -261,7 +261,7 @@ class DefenseConfig(_Knobs):
 class ProbeConfig(_Knobs):
     """One `probes:` entry: a poisoning probe over `fractions` (badnets, clean-label, label-flip; with
     optional `scans` of what it planted), or a scan on its own (activation-clustering,
-    spectral-signatures of the training data; neural-cleanse of the model). See harness.probes."""
+    spectral-signatures of the training data; neural-cleanse of the model). See harness.evaluation.probes."""
 
     name: str
     id: Optional[str] = None
@@ -270,7 +270,7 @@ class ProbeConfig(_Knobs):
 
     @model_validator(mode="after")
     def _probe_exists(self) -> "ProbeConfig":
-        from .probes import SCANS
+        from harness.evaluation.probes import SCANS
 
         if self.name in SCANS:
             if self.fractions or self.scans:
@@ -289,9 +289,9 @@ class ProbeConfig(_Knobs):
         return self.id or self.name
 
     def build(self):
-        from attacks.poisoning import PROBES
+        from harness.attacks.poisoning import PROBES
 
-        from .probes import SCANS
+        from harness.evaluation.probes import SCANS
 
         return self._built(PROBES, "probe", SCANS)
 
@@ -355,7 +355,7 @@ class TrainDataConfig(Strict):
     @field_validator("source")
     @classmethod
     def _source(cls, v: Optional[str]) -> Optional[str]:
-        from .data import check_source
+        from harness.sources.data import check_source
 
         if v is not None:
             _reraise(check_source, v)
@@ -394,7 +394,7 @@ class TrainConfig(Strict):
     @field_validator("defense")
     @classmethod
     def _knobs(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from defenses.training import build_defense
+        from harness.defenses.training import build_defense
 
         for name, knobs in v.items():
             build_defense(name, knobs)  # ValueError naming the knob and the valid ones
@@ -423,7 +423,7 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        from .devices import parse_devices
+        from harness.engines.devices import parse_devices
 
         try:
             parse_devices(self.device)
@@ -443,7 +443,7 @@ class Config(Strict):
 
     def metric_ids(self) -> list[str]:
         """Every metric this suite produces, in a stable order."""
-        from .metrics import suite_metric_ids
+        from harness.verdicts.metrics import suite_metric_ids
 
         return suite_metric_ids(self)
 

@@ -14,21 +14,21 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def digits_model() -> nn.Module:
-    from harness.builtin import digits_cnn
+    from harness.sources.builtin import digits_cnn
 
     return digits_cnn()[0]
 
 
 @pytest.fixture(scope="session")
 def digits_test() -> tuple[torch.Tensor, torch.Tensor]:
-    from harness.data import digits_split
+    from harness.sources.data import digits_split
 
     return digits_split("test")
 
 
 @pytest.fixture(scope="session")
 def wrapped_digits(digits_model):
-    from harness.models import BoundedModel
+    from harness.sources.models import BoundedModel
 
     return BoundedModel(digits_model)
 

@@ -23,6 +23,6 @@ class Sleepy(nn.Module):
 
 def sleepy_digits(delay: float = 0.02) -> nn.Module:
     """A python:tests.slow_models:sleepy_digits factory (the trained digits CNN, slowed down)."""
-    from harness.builtin import digits_cnn
+    from harness.sources.builtin import digits_cnn
 
     return Sleepy(digits_cnn()[0], delay)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import PGD, ThreatModel, attack_epsilons
-from attacks.adapters import ADAPTERS, MissingDependency
+from harness.attacks import PGD, ThreatModel, attack_epsilons
+from harness.attacks.adapters import ADAPTERS, MissingDependency
 
 # backend name -> (module to import, extra that installs it)
 LIBRARIES = {"foolbox": ("foolbox", "foolbox"), "art": ("art", "art")}
@@ -110,7 +110,7 @@ def test_missing_library_names_the_pip_command(backend, monkeypatch, wrapped_dig
     module, extra = LIBRARIES[backend]
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if not installed
     x, y = digits_test[0][:4], digits_test[1][:4]
-    with pytest.raises(MissingDependency, match=r"pip install 'harness\[" + extra + r"\]'") as info:
+    with pytest.raises(MissingDependency, match=r"pip install 'robustgate\[" + extra + r"\]'") as info:
         _adapter(backend, attack="pgd", steps=1)(wrapped_digits, x, y, ThreatModel("linf", 0.1))
     assert isinstance(info.value, ImportError)
 
@@ -129,7 +129,7 @@ def test_cli_run_with_missing_library_exits_2(cli, tmp_path, monkeypatch):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert "pip install 'harness[foolbox]'" in lines[0]
+    assert "pip install 'robustgate[foolbox]'" in lines[0]
     assert "attacks[0]" in lines[0]  # found while validating the config, before any work
     assert not (tmp_path / "out").exists()
     assert "Traceback" not in result.output

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from attacks import PGD, ThreatModel, attack_epsilons
-from attacks.adapters import ARTClass, FoolboxClass
-from attacks.base import describe, is_minimal, supports_target
-from attacks.config import build_attack
+from harness.attacks import PGD, ThreatModel, attack_epsilons
+from harness.attacks.adapters import ARTClass, FoolboxClass
+from harness.attacks.base import describe, is_minimal, supports_target
+from harness.attacks.config import build_attack
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks import ATTACKS, PGD, ThreatModel, attack_epsilons
-from attacks.apgd import APGDCE, APGDDLR, APGDT, checkpoints
+from harness.attacks import ATTACKS, PGD, ThreatModel, attack_epsilons
+from harness.attacks.apgd import APGDCE, APGDDLR, APGDT, checkpoints
 from tests.conftest import LinearNet
 from tests.test_attacks import _linear_truth
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks import ATTACKS, PGD, FGSM, ThreatModel, attack_epsilons
+from harness.attacks import ATTACKS, PGD, FGSM, ThreatModel, attack_epsilons
 from tests.conftest import LinearNet
 
 import math
 
-from attacks import is_minimal
+from harness.attacks import is_minimal
 
 NATIVE = [(name, norm) for name, cls in ATTACKS.items() for norm in cls.norms]
 EPS = {"linf": 0.1, "l2": 0.5}

@@ -816,7 +816,7 @@ def test_the_table_covers_every_section():
 
 def test_uint8_data_is_fine(cli, tmp_path):
     """The positive control for the data checks: uint8 0-255 images are scaled, not refused."""
-    from harness.data import digits_split
+    from harness.sources.data import digits_split
 
     x, y = digits_split("test")
     np.savez(tmp_path / "data.npz", x=(x[:16] * 255).round().to(torch.uint8).numpy(), y=y[:16].numpy())
@@ -841,7 +841,7 @@ def test_model_returning_nan_fails_a_check_not_the_input(cli, tmp_path):
 
 def test_debug_shows_the_traceback(cli, tmp_path):
     cfg = write_config(tmp_path, nmae="typo")
-    from harness.errors import BadInput
+    from harness.core.errors import BadInput
 
     with pytest.raises(BadInput, match="nmae"):
         cli("--debug", "validate", str(cfg))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from attacks import ATTACKS, FGSM, PGD, ThreatModel
-from harness import checks
-from harness.metrics import curves
-from harness.models import BoundedModel
+from harness.attacks import ATTACKS, FGSM, PGD, ThreatModel
+from harness.evaluation import checks
+from harness.verdicts.metrics import curves
+from harness.sources.models import BoundedModel
 from tests.trick_models import AlwaysDropout, Quantized, SoftmaxHead
 
 

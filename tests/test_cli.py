@@ -142,7 +142,7 @@ def _sample_ids(out: Path) -> list[int]:
 
 
 def test_seed_draws_the_subset_and_reproduces_the_run(cli, tmp_path):
-    from harness.data import load_data
+    from harness.sources.data import load_data
 
     cfg = _config(tmp_path)
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):

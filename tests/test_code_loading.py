@@ -16,9 +16,9 @@ import yaml
 from torch import nn
 
 import harness
-from harness import data as data_module
-from harness.errors import BadInput
-from harness.models import kept_as_found, load_model, load_weights
+from harness.sources import data as data_module
+from harness.core.errors import BadInput
+from harness.sources.models import kept_as_found, load_model, load_weights
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import harness
-from harness.comparison import Comparison, compare_records
-from harness.errors import BadInput
-from harness.scorecard import Scorecard
+from harness.reports.comparison import Comparison, compare_records
+from harness.core.errors import BadInput
+from harness.records.scorecard import Scorecard
 
 ATTACKS = [{"name": "fgsm", "norm": "linf", "epsilons": [0.05, 0.1]},
            {"name": "pgd", "norm": "linf", "epsilons": [0.05, 0.1], "steps": 5}]
@@ -96,7 +96,7 @@ def _parse(html: str) -> Tables:
 
 
 def _decode(directory: Path) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-    """outcomes.json read by hand (ids, flags, labels), not through harness.outcomes."""
+    """outcomes.json read by hand (ids, flags, labels), not through harness.verdicts.outcomes."""
     body = json.loads((directory / "outcomes.json").read_text())
     n = body["n"]
     ids = np.frombuffer(base64.b64decode(body["ids"]), dtype="<i8")
@@ -319,7 +319,7 @@ def test_the_page_is_self_contained(pair, tmp_path):
 
 
 def test_notebook_display(runs):
-    import harness.comparison  # noqa: F401  (importing the module must not shadow harness.compare)
+    import harness.reports.comparison  # noqa: F401  (importing the module must not shadow harness.compare)
 
     for comparison in (harness.compare(runs["strong"], runs["weak"]),):
         assert isinstance(comparison, Comparison)

@@ -18,7 +18,7 @@ BASE = {"name": "defended", "device": "cpu", "data": {"limit": 100},
 def card(tmp_path_factory):
     from safetensors.torch import save_file
 
-    from harness.builtin import digits_cnn
+    from harness.sources.builtin import digits_cnn
 
     weights = tmp_path_factory.mktemp("w") / "variant.safetensors"
     save_file(digits_cnn()[0].state_dict(), str(weights))  # a stand-in for `harness harden` output
@@ -82,7 +82,7 @@ def test_a_detector_reports_detection_rate_at_its_false_positive_rate(card):
 
 
 def test_every_detector_metric_carries_its_interval(card):
-    from harness.metrics import auroc_interval, wilson_interval
+    from harness.verdicts.metrics import auroc_interval, wilson_interval
 
     det = next(d for d in card.record["defenses"] if d["kind"] == "detector")
     intervals = det["metric_intervals"]
@@ -141,9 +141,9 @@ def test_a_detector_without_gradients_is_attacked_through_a_surrogate_and_judged
     same points, and the record says so; the detector under test still sets the threshold and judges."""
     from types import SimpleNamespace
 
-    from defenses.detectors import MahalanobisDetector
+    from harness.defenses.detectors import MahalanobisDetector
     from harness.config import AttackConfig
-    from harness.variants import _detector_records
+    from harness.evaluation.variants import _detector_records
 
     class NoGradient:
         kind = "detector"

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from attacks import PGD, ThreatModel
-from defenses import detectors, preprocess  # noqa: F401  (registers the defenses)
-from defenses.detectors import AlibiDetector, MahalanobisDetector, auroc, evaluate_detector, threshold_at_fpr
-from defenses.preprocess import JPEG, BitDepth, GaussianNoise, Median, defended
-from defenses.registry import DEFENSES
-from harness.errors import BadInput
+from harness.attacks import PGD, ThreatModel
+from harness.defenses import detectors, preprocess  # noqa: F401  (registers the defenses)
+from harness.defenses.detectors import AlibiDetector, MahalanobisDetector, auroc, evaluate_detector, threshold_at_fpr
+from harness.defenses.preprocess import JPEG, BitDepth, GaussianNoise, Median, defended
+from harness.defenses.registry import DEFENSES
+from harness.core.errors import BadInput
 
 PREPROCESSING = [n for n, cls in DEFENSES.items() if getattr(cls, "kind", None) == "preprocessing"]
 
@@ -196,7 +196,7 @@ def test_wrapper_refuses_bad_arguments(wrapped_digits):
 def test_wrapper_runs_on_cuda(name, digits_model, correct_digits):
     import copy
 
-    from harness.models import BoundedModel
+    from harness.sources.models import BoundedModel
 
     model = BoundedModel(copy.deepcopy(digits_model)).to("cuda")  # the session's CPU model stays on the CPU
     x, y = correct_digits[0][:64], correct_digits[1][:64]
@@ -330,7 +330,7 @@ def test_mahalanobis_refuses_to_score_unfitted(wrapped_digits, correct_digits):
 
 def test_alibi_missing_is_bad_input_naming_pip(monkeypatch):
     monkeypatch.setitem(sys.modules, "alibi_detect", None)  # as if not installed
-    with pytest.raises(BadInput, match=r"pip install 'harness\[alibi\]'"):
+    with pytest.raises(BadInput, match=r"pip install 'robustgate\[alibi\]'"):
         AlibiDetector()
     with pytest.raises(ValueError, match="method"):
         AlibiDetector(method="Nope")
@@ -350,7 +350,7 @@ def test_alibi_knn_detects_pgd_examples(wrapped_digits, correct_digits):
 def test_an_attack_that_knows_the_detector_evades_it(wrapped_digits, correct_digits):
     """Carlini & Wagner's point about detectors, measured: PGD that also descends the Mahalanobis score
     fools the model as often as plain PGD and is flagged far less often, at the same threshold."""
-    from harness.variants import adversarial_examples
+    from harness.evaluation.variants import adversarial_examples
 
     x, y = correct_digits
     fit, calib, judged = slice(0, None, 3), slice(1, None, 3), slice(2, None, 3)
@@ -372,7 +372,7 @@ def test_an_attack_that_knows_the_detector_evades_it(wrapped_digits, correct_dig
 
 
 def test_an_example_outside_its_budget_is_not_counted_as_broken(wrapped_digits, correct_digits):
-    from harness.variants import adversarial_examples
+    from harness.evaluation.variants import adversarial_examples
 
     x, y = correct_digits[0][:8], correct_digits[1][:8]
     cheat = lambda model, xb, yb, threat, generator=None: torch.zeros_like(xb)  # noqa: E731  (far outside 0.1)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from harness.config import GateConfig, parse_config
-from harness.errors import BadInput
-from harness.gates import gates_from_records, judge_gates, overall_verdict
-from harness.metrics import newcombe_interval, paired_drop_interval, wilson_interval
-from harness.outcomes import Outcomes, sample_digests
+from harness.core.errors import BadInput
+from harness.verdicts.gates import gates_from_records, judge_gates, overall_verdict
+from harness.verdicts.metrics import newcombe_interval, paired_drop_interval, wilson_interval
+from harness.verdicts.outcomes import Outcomes, sample_digests
 
 M = {"clean_accuracy": 0.96, "robust_accuracy:pgd-linf@0.1": 0.40}
 N = {"clean_accuracy": 450, "robust_accuracy:pgd-linf@0.1": 450}

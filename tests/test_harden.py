@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from defenses.hardening import harden
-from defenses.training import PGDAT, build_defense, learning_rate, training_defenses
+from harness.defenses.hardening import harden
+from harness.defenses.training import PGDAT, build_defense, learning_rate, training_defenses
 from harness.config import TrainConfig
-from harness.errors import BadInput, RunFailed
-from harness.files import sha256_file
+from harness.core.errors import BadInput, RunFailed
+from harness.core.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD_KEYS = {"epoch", "loss", "clean_accuracy", "robust_accuracy", "seconds", "lr"}
@@ -118,7 +118,7 @@ def test_harden_writes_weights_and_log(hardened):
 def test_hardened_weights_run_through_harness_run(hardened, cli, tmp_path, digits_model):
     import copy
 
-    from harness.data import load_data
+    from harness.sources.data import load_data
 
     _, d, weights = hardened
     cfg = {"name": "hardened", "model": {"source": "builtin:digits-cnn", "weights": str(weights)}, "data": {"limit": 60},

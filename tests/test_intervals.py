@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import harness
-from harness import probes as probes_module
-from harness.metrics import auroc_interval, median_interval, metric_counts, paired_drop_interval, wilson_interval
+from harness.evaluation import probes as probes_module
+from harness.verdicts.metrics import auroc_interval, median_interval, metric_counts, paired_drop_interval, wilson_interval
 
 
 def uncovered(record: dict[str, Any]) -> set[str]:
@@ -39,7 +39,7 @@ def test_median_interval_order_statistics():
 @pytest.mark.parametrize("n_pos, n_neg, shift", [(30, 30, 0.954), (50, 100, 1.812), (20, 20, 2.326)])
 def test_auroc_interval_covers_at_its_nominal_rate(n_pos, n_neg, shift):
     """Normal scores a `shift` apart have AUROC Phi(shift / sqrt 2): 0.75, 0.9, 0.95 here."""
-    from defenses.detectors import auroc
+    from harness.defenses.detectors import auroc
 
     truth = 0.5 * (1 + math.erf(shift / 2))
     g, hits, reps = torch.Generator().manual_seed(n_pos * 7 + n_neg), 0, 1000
@@ -61,7 +61,7 @@ def test_auroc_interval_does_not_collapse_at_perfect_separation():
 
 def test_a_minimal_attack_record_carries_the_order_statistic_interval_of_its_median():
     from harness.config import AttackConfig
-    from harness.runner import AttackResult
+    from harness.evaluation.runner import AttackResult
 
     entry = AttackConfig(name="deepfool", norm="l2")
     sizes = [float(v) for v in range(1, 71)] + [math.inf] * 30  # 30 points it never broke

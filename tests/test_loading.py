@@ -12,9 +12,9 @@ import yaml
 from torch import nn
 
 import harness
-from harness.data import load_data, subset
-from harness.errors import BadInput
-from harness.models import BoundedModel, load_model, load_weights, looks_like_probabilities
+from harness.sources.data import load_data, subset
+from harness.core.errors import BadInput
+from harness.sources.models import BoundedModel, load_model, load_weights, looks_like_probabilities
 from tests.conftest import LinearNet, tiny_linear
 
 
@@ -379,7 +379,7 @@ def test_builtin_digits_model_is_accurate(digits_model, digits_test):
 
 @pytest.mark.slow
 def test_builtin_training_is_deterministic():
-    from harness.builtin import train_digits_cnn
+    from harness.sources.builtin import train_digits_cnn
 
     (a, acc_a), (b, acc_b) = train_digits_cnn(), train_digits_cnn()
     sa, sb = a.state_dict(), b.state_dict()

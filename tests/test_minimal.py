@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from attacks import ATTACKS, ThreatModel
-from attacks.minimal import CarliniWagner, DeepFool
+from harness.attacks import ATTACKS, ThreatModel
+from harness.attacks.minimal import CarliniWagner, DeepFool
 from tests.conftest import LinearNet
 
 UNBOUNDED = {norm: ThreatModel(norm, math.inf) for norm in ("l2", "linf")}

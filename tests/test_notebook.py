@@ -130,7 +130,7 @@ def test_bar_shows_in_a_jupyter_kernel(kernel, tmp_path):
     when ipywidgets is missing. enabled=False keeps it silent there too."""
     import nbformat
 
-    source = ("from harness.progress import interactive, progress_bar\n"
+    source = ("from harness.core.progress import interactive, progress_bar\n"
               "print('interactive:', interactive())\n"
               "with progress_bar(3, 'probe-shown') as bar:\n    for _ in range(3): bar.update(1)\n"
               "with progress_bar(3, 'probe-hidden', enabled=False) as bar:\n    for _ in range(3): bar.update(1)\n")

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from attacks.config import validated
-from attacks.poisoning import PROBES, BadNets, CleanLabel, LabelFlip, accuracy, attack_success_rate, patch, trigger_image
-from harness.builtin import DigitsCNN
+from harness.attacks.config import validated
+from harness.attacks.poisoning import PROBES, BadNets, CleanLabel, LabelFlip, accuracy, attack_success_rate, patch, trigger_image
+from harness.sources.builtin import DigitsCNN
 from harness.config import TrainConfig
 
 CHECKER3 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
@@ -18,14 +18,14 @@ CHECKER3 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 
 @pytest.fixture(scope="module")
 def plan() -> TrainConfig:
-    from defenses.hardening import builtin_recipe
+    from harness.defenses.hardening import builtin_recipe
 
     return TrainConfig.model_validate(builtin_recipe("builtin:digits-cnn"))
 
 
 @pytest.fixture(scope="module")
 def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
-    from harness.data import digits_split
+    from harness.sources.data import digits_split
 
     return digits_split("train")
 
@@ -267,7 +267,7 @@ def test_fine_tuning_starts_from_the_given_weights_and_leaves_them(digits_model,
 
 
 def test_a_bounded_model_trains_through_its_wrapper(small, plan):
-    from harness.models import BoundedModel
+    from harness.sources.models import BoundedModel
 
     train, test = small
     probe = BadNets(epochs=4)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 import harness
-from harness import probes as probes_module
-from harness.errors import RunFailed
+from harness.evaluation import probes as probes_module
+from harness.core.errors import RunFailed
 
 SUITE = {"name": "poison", "device": "cpu", "data": {"limit": 120}, "attacks": [],
          "train": {"epochs": 5},
@@ -35,7 +35,7 @@ def test_badnets_backdoors_the_digits_pipeline_and_the_gate_catches_it(card):
     (scan,) = rec["scans"]
     assert scan["scan"] == "activation-clustering" and scan["recall"] is not None
     assert m["scan_recall:badnets/activation-clustering@0.1"] == scan["recall"]
-    from harness.metrics import wilson_interval
+    from harness.verdicts.metrics import wilson_interval
     from tests.test_intervals import uncovered
 
     assert not uncovered(card.record)  # precision and recall on their own denominators, Wilson
@@ -51,7 +51,7 @@ def test_badnets_backdoors_the_digits_pipeline_and_the_gate_catches_it(card):
 def test_each_fraction_is_saved_and_a_resumed_run_skips_it(tmp_path, monkeypatch, card):
     card, _ = card
     real, calls = probes_module.evaluate_probes, []
-    from attacks.poisoning import PROBES
+    from harness.attacks.poisoning import PROBES
 
     cls = PROBES.get("badnets")
     original = cls.run

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from harness import render
+from harness.reports import render
 
 HOSTILE = '<script>alert(1)</script> "q" & x'
 ATTR_BREAK = 'x|y" onmouseover="alert(2)'
@@ -125,7 +125,7 @@ def test_per_class_heatmap_and_most_vulnerable_classes(record):
 
 
 def test_charts_have_axes_titles_and_a_legend_entry_per_attack(record):
-    from harness.metrics import curves
+    from harness.verdicts.metrics import curves
 
     html = render.report_html(record)
     for norm, lines in curves(record).items():
@@ -338,7 +338,7 @@ def test_compact_view_is_a_scoped_div(record):
 
 
 def test_repr_html_is_the_compact_view(record):
-    from harness.scorecard import Scorecard
+    from harness.records.scorecard import Scorecard
 
     card = Scorecard(copy.deepcopy(record))
     assert card._repr_html_() == render.compact_html(card.to_dict())
@@ -366,7 +366,7 @@ def test_many_classes_show_the_most_vulnerable_only():
 
 
 def test_saved_outputs_are_the_renderings(record, tmp_path):
-    from harness.scorecard import Scorecard
+    from harness.records.scorecard import Scorecard
 
     Scorecard(copy.deepcopy(record)).save(tmp_path)
     rec = {**record, "provenance": {k: v for k, v in record["provenance"].items() if k != "outputs"}}

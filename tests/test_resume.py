@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import harness
-from harness import runner
-from harness.errors import RunFailed
-from harness.stage import BatchLimit, halving
+from harness.evaluation import runner
+from harness.core.errors import RunFailed
+from harness.engines.stage import BatchLimit, halving
 
 SUITE = {
     "name": "resume", "device": "cpu", "seed": 3,
@@ -130,7 +130,7 @@ def test_halving_gives_up_at_one_sample_and_passes_other_errors_through():
 
 
 def test_an_attack_that_runs_out_of_memory_still_finishes_with_a_memory_warning(digits_test):
-    from attacks import ATTACKS
+    from harness.attacks import ATTACKS
 
     pgd = ATTACKS.get("pgd")
 
@@ -154,7 +154,7 @@ def test_an_attack_that_runs_out_of_memory_still_finishes_with_a_memory_warning(
 def test_results_get_the_mode_a_new_file_would(tmp_path):
     import os
 
-    from harness.files import write_text_atomic
+    from harness.core.files import write_text_atomic
 
     old = os.umask(0o022)
     try:

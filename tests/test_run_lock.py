@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 import harness
-from harness.errors import BadInput
-from harness.files import LOCK_FILE, exclusive, output_lock
+from harness.core.errors import BadInput
+from harness.core.files import LOCK_FILE, exclusive, output_lock
 
 REPO = Path(__file__).resolve().parent.parent
-HOLD = ("import sys, time\nfrom pathlib import Path\nfrom harness.files import exclusive\n"
+HOLD = ("import sys, time\nfrom pathlib import Path\nfrom harness.core.files import exclusive\n"
         "with exclusive(Path(sys.argv[1]), 'it', 'it'):\n    print('held', flush=True)\n    time.sleep(120)\n")
 CHEAP = {"name": "locked", "device": "cpu", "data": {"limit": 20}, "attacks": [], "gates": [{"metric": "clean_accuracy", "min": 0.1}]}
 
@@ -98,7 +98,7 @@ def test_the_same_directory_twice_in_one_process_is_refused(tmp_path):
 def test_a_lock_file_removed_between_open_and_flock_is_not_trusted(tmp_path, monkeypatch):
     """The holder removes the file on release: a run that opened the old file just before, and then got
     its flock, must not trust a lock on a file nobody else can see; it locks the file at the path."""
-    import harness.files as files
+    import harness.core.files as files
 
     lock = tmp_path / "x.lock"
     first = exclusive(lock, "it", "it")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import harness
-from attacks import ATTACKS
-from harness.devices import shard_map
-from harness.errors import RunFailed
+from harness.attacks import ATTACKS
+from harness.engines.devices import shard_map
+from harness.core.errors import RunFailed
 
 SMALL = {
     "name": "small",
@@ -103,7 +103,7 @@ def test_cascade_off_runs_every_attack_on_every_point():
 
 def test_worst_case_is_per_sample_not_min_of_means():
     from harness.config import AttackConfig
-    from harness.runner import AttackResult, Evaluation
+    from harness.evaluation.runner import AttackResult, Evaluation
 
     correct = torch.tensor([True, True, True, True])
     a = AttackConfig(name="pgd", norm="linf", epsilons=[0.1])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.scans import (
+from harness.attacks.scans import (
     ANOMALY_THRESHOLD,
     activation_clustering,
     anomaly_index,
@@ -51,8 +51,8 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _backdoor(x: torch.Tensor, y: torch.Tensor, dose: float, seed: int = 0):
     """(model, poisoned x, poisoned y, poisoned positions): a few seconds of training."""
-    from harness.builtin import DigitsCNN
-    from harness.models import BoundedModel
+    from harness.sources.builtin import DigitsCNN
+    from harness.sources.models import BoundedModel
 
     g = torch.Generator().manual_seed(seed)
     sources = (y != TARGET).nonzero().flatten()
@@ -72,7 +72,7 @@ def _backdoor(x: torch.Tensor, y: torch.Tensor, dose: float, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
-    from harness.data import digits_split
+    from harness.sources.data import digits_split
 
     return digits_split("train")
 
@@ -219,7 +219,7 @@ def test_ica_clusters_as_sklearn_fastica_would():
     PCA. The pairwise distances of sklearn's sources equal those of the whitened components."""
     from sklearn.decomposition import FastICA
 
-    from attacks.scans import _reduce
+    from harness.attacks.scans import _reduce
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(150, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g, dtype=torch.float64)
@@ -325,7 +325,7 @@ def test_activation_clustering_agrees_with_art(scanned):
     from art.defences.detector.poison.activation_defence import cluster_activations, reduce_dimensionality
     from sklearn.cluster import KMeans
 
-    from attacks.scans import _reduce, _two_means
+    from harness.attacks.scans import _reduce, _two_means
 
     def inertia(z: torch.Tensor, assign: torch.Tensor) -> float:
         return sum(float((z[assign == j] - z[assign == j].mean(0)).pow(2).sum()) for j in (0, 1) if bool((assign == j).any()))

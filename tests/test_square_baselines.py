@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from attacks import PGD, ThreatModel, attack_epsilons
-from attacks.baselines import CORRUPTIONS, SEVERITIES, Noise, corrupt
-from attacks.square import Square, p_schedule
+from harness.attacks import PGD, ThreatModel, attack_epsilons
+from harness.attacks.baselines import CORRUPTIONS, SEVERITIES, Noise, corrupt
+from harness.attacks.square import Square, p_schedule
 
 EPS = {"linf": 0.1, "l2": 0.5}
 NORMS = ("linf", "l2")

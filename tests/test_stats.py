@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from harness.config import GateConfig
-from harness.errors import BadInput
-from harness.files import sha256_file
-from harness.metrics import mcnemar_p_value, metric_intervals, newcombe_interval, paired_drop_interval, wilson_interval
-from harness.outcomes import Outcomes, sample_digests
-from harness.scorecard import Scorecard
+from harness.core.errors import BadInput
+from harness.core.files import sha256_file
+from harness.verdicts.metrics import mcnemar_p_value, metric_intervals, newcombe_interval, paired_drop_interval, wilson_interval
+from harness.verdicts.outcomes import Outcomes, sample_digests
+from harness.records.scorecard import Scorecard
 
 ROBUST = "robust_accuracy:pgd-linf@0.1"
 WORST = "robust_accuracy:worst-linf@0.1"
@@ -199,7 +199,7 @@ def test_outcomes_from_an_evaluation():
     import torch
 
     from harness.config import AttackConfig
-    from harness.runner import AttackResult, Evaluation
+    from harness.evaluation.runner import AttackResult, Evaluation
 
     correct = torch.tensor([1, 1, 1, 0, 1, 1], dtype=torch.bool)
     robust = torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import harness
-from harness.errors import BadInput
+from harness.core.errors import BadInput
 
 BASE = {"name": "suite", "data": {"limit": 48, "batch_size": 64}}
 
@@ -87,7 +87,7 @@ def test_targeted_mode_is_recorded_and_refused_where_the_attack_has_none(card):
 def targeted():
     """Targeted PGD-10 in L2 on its own (in the suite above deepfool leaves it nothing to attack at 1.5),
     through a registered PGD that records the targets the runner hands it and the examples it returns."""
-    from attacks import ATTACKS
+    from harness.attacks import ATTACKS
 
     calls: list[dict[str, torch.Tensor]] = []
 

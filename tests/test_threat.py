@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attacks import ThreatModel
+from harness.attacks import ThreatModel
 
 
 @pytest.fixture

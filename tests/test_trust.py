@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import yaml
 
-from harness import runner
+from harness.evaluation import runner
 
 BASE = {"data": {"source": "builtin:digits", "limit": 150, "batch_size": 150},
         "attacks": [{"name": "pgd", "norm": "linf", "epsilons": [0.05, 0.1], "steps": 10}],

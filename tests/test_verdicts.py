@@ -14,16 +14,16 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from harness import render
+from harness.reports import render
 from harness.cli import cli as group
-from harness.comparison import compare_records
+from harness.reports.comparison import compare_records
 from harness.config import GateConfig, parse_config
-from harness.data import load_data
-from harness.errors import BadInput
-from harness.gates import judge_gates
-from harness.metrics import auroc_interval, interval_methods, metric_counts, metric_intervals, wilson_interval
-from harness.outcomes import Outcomes, pairing, sample_digests
-from harness.scorecard import Scorecard
+from harness.sources.data import load_data
+from harness.core.errors import BadInput
+from harness.verdicts.gates import judge_gates
+from harness.verdicts.metrics import auroc_interval, interval_methods, metric_counts, metric_intervals, wilson_interval
+from harness.verdicts.outcomes import Outcomes, pairing, sample_digests
+from harness.records.scorecard import Scorecard
 
 ROBUST = "robust_accuracy:pgd-linf@0.1"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.errors import BadInput
-from harness.provenance import (artifact, config_artifact, data_artifact, file_sha256, model_artifacts, package_versions,
+from harness.core.errors import BadInput
+from harness.records.provenance import (artifact, config_artifact, data_artifact, file_sha256, model_artifacts, package_versions,
                                 py_tree_sha256, python_artifacts, tree_sha256, verdict_digest, verify)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,7 +162,7 @@ def test_config_artifact(tmp_path):
 
 
 def test_package_versions_read_metadata_without_importing():
-    code = ("import sys, json\nfrom harness.provenance import package_versions\n"
+    code = ("import sys, json\nfrom harness.records.provenance import package_versions\n"
             "v = package_versions(extra=['click', 'no-such-dist-xyz'])\n"
             "print(json.dumps([v, sorted(m for m in ('torch', 'numpy', 'foolbox', 'art', 'torchvision') if m in sys.modules)]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
@@ -235,7 +235,7 @@ def test_verify_ok(run_dir, cli):
 
 
 def test_verify_what_scorecard_save_wrote(tmp_path, cli):
-    from harness.scorecard import Scorecard
+    from harness.records.scorecard import Scorecard
 
     (tmp_path / "w.pt").write_bytes(b"abc")
     card = Scorecard(_record(artifacts=model_artifacts("builtin:digits-cnn", str(tmp_path / "w.pt"), tmp_path)))
@@ -314,7 +314,7 @@ class _Recorder:
         self.calls: list[tuple[tuple, dict]] = []
 
     def __call__(self, *args, **kwargs):
-        from harness.scorecard import Scorecard
+        from harness.records.scorecard import Scorecard
 
         self.calls.append((args, kwargs))
         return Scorecard(_record())
@@ -485,7 +485,7 @@ def _package(tmp_path: Path, name: str) -> Path:
 
 
 def test_python_artifacts_name_the_module_and_its_package(tmp_path):
-    from harness.models import load_model
+    from harness.sources.models import load_model
 
     pkg = _package(tmp_path, "verifypkg_a")
     try:

@@ -39,7 +39,7 @@ class SoftmaxHead(nn.Module):
 
 
 def _digits() -> nn.Module:
-    from harness.builtin import digits_cnn
+    from harness.sources.builtin import digits_cnn
 
     return digits_cnn()[0]
 

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import BadInput
-from .files import sha256_file
-from .registry import Registry
+from harness.core.errors import BadInput
+from harness.core.files import sha256_file
+from harness.core.registry import Registry
 
 __all__ = ["BoundedModel", "MODELS", "load_model", "load_weights", "state_dict_sha256", "model_choices", "model_listing", "kept_as_found",
            "check_source", "TORCH_LOAD_FLOOR", "require_safe_torch_load"]
@@ -184,7 +184,7 @@ def _apply_weights(net: nn.Module, path: Path) -> None:
 
 @MODELS.register("builtin:digits-cnn")
 def _builtin_digits_cnn(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
-    from .builtin import digits_cnn
+    from harness.sources.builtin import digits_cnn
 
     if num_classes not in (None, 10):
         raise BadInput("model.num_classes", f"builtin:digits-cnn has 10 classes, not {num_classes}")

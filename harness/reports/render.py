@@ -181,7 +181,7 @@ def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]], *, title: 
 def _charts(record: dict[str, Any]) -> list[tuple[str, Any]]:
     from markupsafe import Markup
 
-    from .metrics import curves
+    from harness.verdicts.metrics import curves
 
     return [(norm, Markup(curve_svg(norm, lines))) for norm, lines in sorted(curves(record).items())]
 
@@ -383,7 +383,7 @@ def _context(record: dict[str, Any]) -> dict[str, Any]:
 
 def report_html(record: dict[str, Any]) -> str:
     """report.html: one self-contained page (inline CSS, SVG and PNG; a CSP that forbids any load)."""
-    from .scorecard import decode_infinities
+    from harness.records.scorecard import decode_infinities
 
     record = decode_infinities(record)  # a record as saved spells inf "inf"; the sections compute with floats
     ctx = _context(record)
@@ -395,7 +395,7 @@ def report_html(record: dict[str, Any]) -> str:
 
 def compact_html(record: dict[str, Any]) -> str:
     """The notebook view: verdict, gates and curves in one <div> whose CSS restyles nothing outside it."""
-    from .scorecard import decode_infinities
+    from harness.records.scorecard import decode_infinities
 
     return _env().get_template("compact.html.j2").render(**_context(decode_infinities(record)))
 

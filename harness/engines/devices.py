@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar, Union
 
-from .errors import BadInput
+from harness.core.errors import BadInput
 
 __all__ = ["parse_devices", "resolve_devices", "replicate", "shard_map"]
 

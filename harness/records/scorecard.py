@@ -7,16 +7,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from .errors import BadInput
-from .files import atomic_path, sha256_bytes, write_text_atomic
+from harness.core.errors import BadInput
+from harness.core.files import atomic_path, sha256_bytes, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .outcomes import Outcomes
+    from harness.verdicts.outcomes import Outcomes
 
 __all__ = ["Scorecard", "SCHEMA_VERSION", "OUTPUT_FILES", "decode_infinities"]
 
 SCHEMA_VERSION = 1
-OUTCOMES_FILE = "outcomes.json"  # as harness.outcomes names it; repeated so loading this module stays free of numpy
+OUTCOMES_FILE = "outcomes.json"  # as harness.verdicts.outcomes names it; repeated so loading this module stays free of numpy
 OUTPUT_FILES = ("scorecard.json", "report.html", "junit.xml", "summary.md", OUTCOMES_FILE)
 _SAVE_HASHES = ("outputs", "verdict_sha256")  # what save() itself writes into provenance
 REQUIRED_KEYS = ("schema_version", "name", "passed", "verdict", "metrics", "gates", "attacks", "probes", "defenses", "checks", "provenance")
@@ -83,7 +83,7 @@ def read_record(path: Union[str, Path]) -> tuple[dict[str, Any], Path]:
 class Scorecard:
     """A run's result. Displays itself in Jupyter; `save(dir)` writes every output of a run.
 
-    `outcomes` (harness.outcomes.Outcomes), when given, are the per-sample results behind the
+    `outcomes` (harness.verdicts.outcomes.Outcomes), when given, are the per-sample results behind the
     metrics; they are saved as outcomes.json and make max_drop gates a paired test.
     """
 
@@ -117,9 +117,9 @@ class Scorecard:
         """Writes report.html, junit.xml, summary.md, outcomes.json (when there are outcomes) and
         scorecard.json, each atomically; scorecard.json last, naming the others' sha256 in
         provenance.outputs and the digest of its verdict fields in provenance.verdict_sha256 (see
-        harness.provenance.verdict_digest) so they can be verified."""
-        from . import render
-        from .provenance import verdict_digest
+        harness.records.provenance.verdict_digest) so they can be verified."""
+        from harness.reports import render
+        from harness.records.provenance import verdict_digest
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -154,12 +154,12 @@ class Scorecard:
                 on_inconclusive: Optional[str] = None) -> "Scorecard":
         """The same results judged again, with other gates and/or against a baseline; no re-run.
 
-        max_drop gates are paired over per-sample outcomes when harness.outcomes.pairing finds both
+        max_drop gates are paired over per-sample outcomes when harness.verdicts.outcomes.pairing finds both
         cards scored the same samples. `on_inconclusive` overrides the policy the card was judged with
         (record["on_inconclusive"]).
         """
-        from .gates import gates_from_records, judge_gates, overall_verdict
-        from .metrics import interval_methods, metric_counts, metric_intervals
+        from harness.verdicts.gates import gates_from_records, judge_gates, overall_verdict
+        from harness.verdicts.metrics import interval_methods, metric_counts, metric_intervals
 
         policy = on_inconclusive or self.record.get("on_inconclusive") or "fail"
         gate_cfgs = list(gates) if gates is not None else gates_from_records(self.gates)
@@ -174,7 +174,7 @@ class Scorecard:
         return Scorecard(record, self.outcomes)
 
     def _repr_html_(self) -> str:
-        from .render import compact_html
+        from harness.reports.render import compact_html
 
         return compact_html(decode_infinities(self.to_dict()))
 
@@ -187,7 +187,7 @@ def _load_outcomes(path: Path, record: dict[str, Any]) -> Optional["Outcomes"]:
     leaves out is another run's and is ignored; one whose sha256 differs from the listed one is an error."""
     if not path.is_file():
         return None
-    from .outcomes import Outcomes
+    from harness.verdicts.outcomes import Outcomes
 
     prov = record["provenance"] if isinstance(record.get("provenance"), dict) else {}
     listed = prov.get("outputs")

@@ -6,7 +6,7 @@ the right side of the threshold, `fail` when it is wholly on the wrong side, `in
 threshold lies inside it. A metric with no interval is judged on its point value, and its record says so
 (`interval_method: point` and why). A metric measured on no sample is inconclusive, never a pass. A
 max_drop gate is judged on a 95% interval for the drop from the baseline: Tango's paired score interval
-(with McNemar's exact p beside it) when `harness.outcomes.pairing` finds both runs scored the same
+(with McNemar's exact p beside it) when `harness.verdicts.outcomes.pairing` finds both runs scored the same
 samples, else Newcombe's unpaired interval; the record says which (`pairing`). A max_drop gate without
 a baseline value, and a value that is not a number, fail: they are errors, not noise. Whether an
 inconclusive gate passes is the policy `on_inconclusive` (the gate's own, else the config's).
@@ -17,11 +17,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from .config import GateConfig
-from .metrics import mcnemar_p_value, newcombe_interval, paired_drop_interval, wilson_interval
+from harness.config import GateConfig
+from harness.verdicts.metrics import mcnemar_p_value, newcombe_interval, paired_drop_interval, wilson_interval
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .outcomes import Outcomes
+    from harness.verdicts.outcomes import Outcomes
 
 __all__ = ["judge_gates", "overall_verdict", "gates_from_records", "POLICIES", "MAX_FLIPPED_LISTED"]
 
@@ -91,7 +91,7 @@ def _bound(g: GateConfig, value: float, n: Optional[int], interval: Optional[tup
 def _drop(g: GateConfig, value: float, base: float, n: Optional[int], base_n: Optional[int],
           outcomes: Optional["Outcomes"], baseline_outcomes: Optional["Outcomes"]) -> dict[str, Any]:
     """A max_drop gate against a baseline value: paired when `pairing` finds the same samples on both sides."""
-    from .outcomes import pairing
+    from harness.verdicts.outcomes import pairing
 
     rec: dict[str, Any] = {"delta": value - base}
     paired, why = pairing(outcomes, baseline_outcomes, g.min_overlap if g.min_overlap is not None else 1.0)
@@ -155,10 +155,10 @@ def judge_gates(gates: Sequence[GateConfig], metrics: dict[str, float], counts: 
     """One record per gate: value, ci95, interval_method, verdict (pass|fail|inconclusive), passed, reason, policy.
 
     `counts` (and `baseline_counts`) give the samples behind each fraction metric; `intervals`
-    (harness.metrics.metric_intervals) and `interval_methods` (harness.metrics.interval_methods) give
+    (harness.verdicts.metrics.metric_intervals) and `interval_methods` (harness.verdicts.metrics.interval_methods) give
     every metric's 95% interval and how it was made. A metric with neither is judged on its point value.
-    `outcomes`/`baseline_outcomes` (harness.outcomes.Outcomes) make max_drop a paired test when
-    harness.outcomes.pairing accepts them. An inconclusive gate passes only under the policy "pass"; a
+    `outcomes`/`baseline_outcomes` (harness.verdicts.outcomes.Outcomes) make max_drop a paired test when
+    harness.verdicts.outcomes.pairing accepts them. An inconclusive gate passes only under the policy "pass"; a
     gate whose metric this run did not produce never passes; a NaN value or a missing baseline fails.
     """
     if on_inconclusive not in POLICIES:

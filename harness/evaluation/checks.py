@@ -19,9 +19,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from attacks import ATTACKS, BOUNDS, ThreatModel
+from harness.attacks import ATTACKS, BOUNDS, ThreatModel
 
-from .models import looks_like_probabilities
+from harness.sources.models import looks_like_probabilities
 
 __all__ = ["record", "randomness", "output_logits", "gradients", "masking", "monotone", "large_epsilon",
            "more_steps", "zero_epsilon", "budget", "finite"]
@@ -223,7 +223,7 @@ def masking(parts: Sequence[dict[str, Any]], n: int) -> dict[str, str]:
 def monotone(curves: dict[str, dict[str, list[tuple[float, float]]]], n: int) -> dict[str, str]:
     """"monotone-epsilon": robust accuracy must not rise with epsilon (a larger ball holds the smaller one).
 
-    `curves` is harness.metrics.curves(record). A rise beyond max(0.01, 3/n) means the attack fails
+    `curves` is harness.verdicts.metrics.curves(record). A rise beyond max(0.01, 3/n) means the attack fails
     at larger budgets (too few steps, a step size that does not scale, masked gradients); a smaller
     rise is within the attack's own randomness and only warns.
     """

@@ -18,8 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import BadInput
-from .registry import Registry
+from harness.core.errors import BadInput
+from harness.core.registry import Registry
 
 __all__ = ["Data", "DATASETS", "TORCHVISION_DATASETS", "load_data", "digits_split", "data_from_tensors", "dataset_listing"]
 
@@ -225,7 +225,7 @@ def _torchvision(arg: str, split: str, base: Path, image_size) -> tuple[torch.Te
     if not inspect.isclass(cls):
         raise BadInput("data.source", f"torchvision {torchvision_version()} has no data set {name!r}")
     if name in _TORCH_LOADED:
-        from .models import require_safe_torch_load
+        from harness.sources.models import require_safe_torch_load
 
         require_safe_torch_load("data.source", f"convert torchvision {name} to npz:PATH")
     path = _resolve(root, base)

@@ -67,7 +67,7 @@ def train_digits_cnn(recipe: dict = RECIPE) -> tuple[DigitsCNN, float]:
 
 
 def _train(recipe: dict) -> tuple[DigitsCNN, float]:
-    from .data import digits_split
+    from harness.sources.data import digits_split
 
     x_tr, y_tr = digits_split("train")
     x_te, y_te = digits_split("test")
@@ -95,7 +95,7 @@ def digits_cnn(recipe: dict = RECIPE) -> tuple[DigitsCNN, Path]:
     """The trained builtin model, from the cache or trained now (a few seconds) and cached."""
     from safetensors.torch import load_file, save_file
 
-    from .files import atomic_path
+    from harness.core.files import atomic_path
 
     path = weights_path(recipe)
     net = DigitsCNN()

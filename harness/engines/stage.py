@@ -18,10 +18,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from attacks import BOUNDS, BUDGET_TOLERANCE, ThreatModel
+from harness.attacks import BOUNDS, BUDGET_TOLERANCE, ThreatModel
 
-from .devices import shard_map
-from .errors import RunFailed
+from harness.engines.devices import shard_map
+from harness.core.errors import RunFailed
 
 __all__ = ["Counting", "PairResult", "run_pairs", "device_of", "is_oom", "BatchLimit", "halving", "EXAMPLES"]
 

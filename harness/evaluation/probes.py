@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import BadInput
+from harness.core.errors import BadInput
 
 __all__ = ["SCANS", "probe_metric_ids", "evaluate_probes"]
 
@@ -34,7 +34,7 @@ SCANS = ("activation-clustering", "spectral-signatures", "neural-cleanse")
 
 def probe_metric_ids(entry) -> list[str]:
     """The metric ids one `probes:` entry produces (for validating gates before anything runs)."""
-    from .metrics import metric_id
+    from harness.verdicts.metrics import metric_id
 
     if entry.name in SCANS:
         return [metric_id("anomaly_index", "neural-cleanse")] if entry.name == "neural-cleanse" else [metric_id("flagged_fraction", entry.probe_id)]
@@ -53,7 +53,7 @@ def probe_metric_ids(entry) -> list[str]:
 
 
 def _scan_training_set(scan: str, model, x: torch.Tensor, y: torch.Tensor, poisoned_ids, params: dict) -> dict[str, Any]:
-    from attacks import scans
+    from harness.attacks import scans
 
     feats = scans.penultimate(model, x)
     if scan == "activation-clustering":
@@ -65,9 +65,9 @@ def _scan_training_set(scan: str, model, x: torch.Tensor, y: torch.Tensor, poiso
 
 
 def _neural_cleanse(model, x, y, num_classes: int, params: dict) -> dict[str, Any]:
-    from attacks import scans
+    from harness.attacks import scans
 
-    from .images import png_base64
+    from harness.reports.images import png_base64
 
     res = scans.neural_cleanse(model, x, y, num_classes=num_classes, **params)
     out = {k: _plain(v) for k, v in res.items()}
@@ -94,7 +94,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
     """Every `probes:` entry: (scorecard records, metrics). `train_loader()` gives the training Data,
     `make_model(fine_tune)` a model to poison-train (the config's weights, or freshly initialized);
     units in `done` (a resumed run) are reused; `emit(unit, record)` saves each as it finishes."""
-    from .metrics import metric_id
+    from harness.verdicts.metrics import metric_id
 
     records: list[dict] = []
     metrics: dict[str, float] = {}
@@ -141,7 +141,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
             unit = f"probe|{i}|{entry.probe_id}|{f.label}"
             rec = done.get(unit)
             if rec is None:
-                from defenses.hardening import train_plan
+                from harness.defenses.hardening import train_plan
 
                 train = train if train is not None else train_loader()
                 t0 = time.perf_counter()
@@ -189,9 +189,9 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                         intervals[metric_id("scan_precision", subject, f.label)] = _wilson(hits, int(report["n_flagged"]))
                         intervals[metric_id("scan_recall", subject, f.label)] = _wilson(hits, int(report.get("n_poisoned", 0)))
                 if all(hasattr(probe, k) for k in ("size", "position", "pattern")):
-                    from attacks.poisoning import trigger_image
+                    from harness.attacks.poisoning import trigger_image
 
-                    from .images import png_base64
+                    from harness.reports.images import png_base64
 
                     rec["trigger"] = png_base64(trigger_image(tuple(test.x.shape[1:]), probe.size, probe.position, probe.pattern))
                 rec["metrics"], rec["metric_intervals"] = ms, intervals
@@ -212,7 +212,7 @@ def _point(why: str) -> dict[str, Any]:
 
 def _wilson(successes: int, n: int) -> dict[str, Any]:
     """A proportion's interval entry; on no trial at all [0, 1], since nothing was measured."""
-    from .metrics import wilson_interval
+    from harness.verdicts.metrics import wilson_interval
 
     return {"ci95": [round(v, 6) for v in wilson_interval(successes, n)], "method": "wilson", "n": int(n)}
 
@@ -220,7 +220,7 @@ def _wilson(successes: int, n: int) -> dict[str, Any]:
 def _paired_cost(discordant: Optional[tuple[int, int]], n: int) -> dict[str, Any]:
     """The label-flip probe's accuracy cost (baseline minus poisoned) is a difference of two models'
     accuracies on the same test points: a paired interval (Tango's score interval) from the discordant counts."""
-    from .metrics import paired_drop_interval
+    from harness.verdicts.metrics import paired_drop_interval
 
     if discordant is None or n <= 0:
         return _point("the per-sample outcomes of the baseline were not kept (a run saved before they were): no paired interval")
@@ -229,7 +229,7 @@ def _paired_cost(discordant: Optional[tuple[int, int]], n: int) -> dict[str, Any
 
 
 def scans_module():
-    from attacks import scans
+    from harness.attacks import scans
 
     return scans
 
@@ -240,7 +240,7 @@ def _rounded(v: Any) -> Any:
 
 
 def check_probe_name(name: str) -> None:
-    from attacks.poisoning import PROBES
+    from harness.attacks.poisoning import PROBES
 
     if name not in PROBES and name not in SCANS:
         raise BadInput("probes", f"unknown probe {name!r} (valid: {', '.join(PROBES.names() + list(SCANS))})")

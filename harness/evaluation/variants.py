@@ -21,7 +21,7 @@ Metric ids of a variant put the defense id in front of the subject: `clean_accur
 `jpeg-naive/...`; detectors give `detection_rate:<id>/worst-linf@<eps>`, `auroc:<id>/worst-linf@<eps>`,
 and `detection_rate:`, `auroc:` and `evasion_rate:<id>/adaptive-linf@<eps>` (misclassified and not
 flagged, over the judged points). Every one carries a 95% interval in the record's
-`metric_intervals` (Wilson; for the AUROC, harness.metrics.auroc_interval).
+`metric_intervals` (Wilson; for the AUROC, harness.verdicts.metrics.auroc_interval).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .errors import BadInput
+from harness.core.errors import BadInput
 
 __all__ = ["defense_kind", "variant_subject", "evaluate_defenses"]
 
@@ -108,9 +108,9 @@ def _declared(check: dict[str, str], defense: Any, label: str) -> dict[str, str]
 def _white_box(attacks: Sequence[Any]) -> list[tuple[str, str, list, Any]]:
     """(name, norm, epsilons, attack) of every white-box attack of the suite with a budget, in config
     order; an ensemble contributes its white-box stages (`standard:apgd-ce`, ...) one by one."""
-    from attacks.base import access_of
+    from harness.attacks.base import access_of
 
-    from .config import AttackConfig
+    from harness.config import AttackConfig
 
     out = []
     for cfg in attacks:
@@ -136,7 +136,7 @@ def detector_metric_ids(defense_id: str, attacks: Sequence[Any]) -> list[str]:
     the per-sample worst case of those attacks (`worst-<norm>`), and against the attack that knows the
     detector (`adaptive-<norm>`, the one gates should use; the norm keeps an L2 and an L-inf epsilon
     written alike apart)."""
-    from .metrics import metric_id
+    from harness.verdicts.metrics import metric_id
 
     out = []
     for (norm, _), label in _detector_groups(attacks).items():
@@ -150,9 +150,9 @@ def adversarial_examples(model, attack, x: torch.Tensor, y: torch.Tensor, norm: 
     """Adversarial inputs for (x, y) on the model's device, trusted only after the harness's own
     checks (bounds, budget, re-scoring): returns (examples, broken mask), both on the CPU, and the
     number of examples outside the budget (replaced by their clean input, so never broken)."""
-    from attacks import BOUNDS, BUDGET_TOLERANCE, ThreatModel
+    from harness.attacks import BOUNDS, BUDGET_TOLERANCE, ThreatModel
 
-    from .stage import device_of
+    from harness.engines.stage import device_of
 
     dev = device_of(model)
     advs, broken, outside = [], [], 0
@@ -187,9 +187,9 @@ def _worst_case(model, candidates, x: torch.Tensor, y: torch.Tensor, norm: str, 
 
 def _judged(detector, model, x_calib, x_clean, adv, broken, fpr: float, row: dict[str, Any]) -> dict[str, Any]:
     """One row of a detector record: the detector on the judged clean points and the broken examples."""
-    from defenses.detectors import evaluate_detector
+    from harness.defenses.detectors import evaluate_detector
 
-    from .stage import device_of
+    from harness.engines.stage import device_of
 
     dev = device_of(model)
     res = evaluate_detector(detector, model, None, None, x_clean.to(dev), adv[broken].to(dev), fpr=fpr, x_calib=x_calib.to(dev))
@@ -203,7 +203,7 @@ def _judged(detector, model, x_calib, x_clean, adv, broken, fpr: float, row: dic
 
 
 def _row_metrics(defense_id: str, row: dict[str, Any], evasion: bool) -> tuple[dict[str, float], dict[str, dict]]:
-    from .metrics import metric_id, wilson_interval
+    from harness.verdicts.metrics import metric_id, wilson_interval
 
     subject = f"{defense_id}/{row['attack']}"
     rate, auc = metric_id("detection_rate", subject, row["epsilon"]), metric_id("auroc", subject, row["epsilon"])
@@ -226,10 +226,10 @@ def _detector_records(entry, detector, model, data, correct: torch.Tensor, attac
     """The detector's record (`results`: one row per attack and epsilon) and its metrics. A third of the
     correctly classified points fit the detector, a third set its threshold, and the last third are
     judged: their clean inputs for the false-positive rate, their adversarial examples for detection."""
-    from defenses.detectors import DetectorAware, MahalanobisDetector
+    from harness.defenses.detectors import DetectorAware, MahalanobisDetector
 
-    from .metrics import wilson_interval
-    from .stage import device_of
+    from harness.verdicts.metrics import wilson_interval
+    from harness.engines.stage import device_of
 
     idx = torch.nonzero(correct).flatten()
     fit, calib, judged = idx[0::3], idx[1::3], idx[2::3]
@@ -277,7 +277,7 @@ def _detector_records(entry, detector, model, data, correct: torch.Tensor, attac
 
 def _detector_budget(prefix: str, rec: dict[str, Any]) -> dict[str, str]:
     """The harness's budget re-check of the examples a detector was judged on, its own attack's included."""
-    from .checks import record
+    from harness.evaluation.checks import record
 
     outside = sum(r["budget_violations"] for r in rec["results"])
     made = sum(r["n_attacked"] for r in rec["results"])
@@ -295,7 +295,7 @@ def evaluate_defenses(cfg, base_model, data, devices, base_ev, run_suite: Callab
     `run_suite(model, label)` runs the config's attack suite on a model over the same data and
     returns its Evaluation; `load_variant(weights)` loads the config's model with other weights.
     """
-    from defenses.preprocess import defended
+    from harness.defenses.preprocess import defended
 
     base_metrics = base_ev.metrics()
     records: list[dict[str, Any]] = []

@@ -19,18 +19,18 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from attacks import BUDGET_TOLERANCE
-from attacks.base import access_of, describe
+from harness.attacks import BUDGET_TOLERANCE
+from harness.attacks.base import access_of, describe
 
-from .config import AttackConfig, CorruptionConfig
-from .data import Data
-from .devices import replicate, shard_map
-from .errors import BadInput
-from . import checks as validity
-from .checks import record
-from .metrics import curves, entry_epsilons, metric_id, worst_groups
-from .models import BoundedModel, looks_like_probabilities
-from .stage import EXAMPLES, BatchLimit, Counting, device_of, halving, is_oom, run_pairs
+from harness.config import AttackConfig, CorruptionConfig
+from harness.sources.data import Data
+from harness.engines.devices import replicate, shard_map
+from harness.core.errors import BadInput
+from harness.evaluation import checks as validity
+from harness.evaluation.checks import record
+from harness.verdicts.metrics import curves, entry_epsilons, metric_id, worst_groups
+from harness.sources.models import BoundedModel, looks_like_probabilities
+from harness.engines.stage import EXAMPLES, BatchLimit, Counting, device_of, halving, is_oom, run_pairs
 
 __all__ = ["AttackResult", "Evaluation", "evaluate", "check_record"]
 
@@ -75,7 +75,7 @@ class AttackResult:
     def median_interval(self) -> dict[str, Any]:
         """The distribution-free 95% interval of a minimal attack's median perturbation, over the
         correctly classified points it ran on (a point it never broke counts as inf)."""
-        from .metrics import median_interval
+        from harness.verdicts.metrics import median_interval
 
         sizes = self.distance[self.attacked]
         lo, hi = median_interval(sizes.tolist())
@@ -154,7 +154,7 @@ class Evaluation:
 
 
 def _progress(total: int, desc: str, enabled: Optional[bool]):
-    from .progress import progress_bar
+    from harness.core.progress import progress_bar
 
     return progress_bar(total=total, desc=desc, enabled=enabled)
 
@@ -342,7 +342,7 @@ class _Suite:
         return out
 
     def corruptions(self, cfg: CorruptionConfig, index: int) -> list[AttackResult]:
-        from attacks.baselines import corrupt
+        from harness.attacks.baselines import corrupt
 
         out = []
         for k, kind in enumerate(cfg.kinds):
@@ -383,9 +383,9 @@ def _strongest(attacks: Sequence[Any]) -> Optional[tuple[Any, Any, Any]]:
 
 def validity_checks(model: BoundedModel, data: Data, ev: Evaluation, attacks: Sequence[Any], seed: int,
                     limit: Optional[BatchLimit] = None) -> list[dict[str, str]]:
-    """The checks that say whether this evaluation can be trusted (see harness.checks), on one device.
+    """The checks that say whether this evaluation can be trusted (see harness.evaluation.checks), on one device.
     Their samples stay within the batch size known to fit in device memory."""
-    from attacks import ThreatModel
+    from harness.attacks import ThreatModel
 
     sample = min(64, limit.size) if limit is not None and limit.size else 64
     dev = device_of(model)

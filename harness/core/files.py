@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import BadInput
+from harness.core.errors import BadInput
 
 try:
     import fcntl

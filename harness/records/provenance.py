@@ -18,8 +18,8 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional, Union
 
-from .errors import BadInput
-from .files import sha256_file
+from harness.core.errors import BadInput
+from harness.core.files import sha256_file
 
 __all__ = ["file_sha256", "tree_sha256", "py_tree_sha256", "artifact", "data_artifact", "model_artifacts", "python_artifacts",
            "config_artifact", "package_versions", "verdict_digest", "VERDICT_FIELDS", "verify", "VerifyRow"]
@@ -96,7 +96,7 @@ def _resolve(path: str, base: Path) -> Path:
 
 
 def data_artifact(source: str, base: Path, split: Optional[str] = None) -> Optional[dict[str, str]]:
-    """The artifact a data source string reads, resolved like harness.data does; None for builtin data.
+    """The artifact a data source string reads, resolved like harness.sources.data does; None for builtin data.
 
     ``npz:PATH`` is a file; ``imagefolder:PATH`` and ``torchvision:NAME:ROOT`` are trees. With
     `split`, an image folder that holds a ``<split>/`` subfolder is hashed there, as it is loaded.
@@ -152,7 +152,7 @@ def config_artifact(path: Any) -> Optional[dict[str, str]]:
     """The config file's artifact; None for the embedded default, a dict or an already parsed Config."""
     if not isinstance(path, (str, os.PathLike)):
         return None
-    from .config import DEFAULT_CONFIG_PATH  # no torch behind it; only needed when there is a path
+    from harness.config import DEFAULT_CONFIG_PATH  # no torch behind it; only needed when there is a path
 
     p = Path(path)
     if p.absolute() == DEFAULT_CONFIG_PATH.absolute():
@@ -227,7 +227,7 @@ def _row(role: str, path: Path, expected: str, kind: str) -> VerifyRow:
 def _load_record(scorecard_path: PathLike) -> tuple[dict[str, Any], Path]:
     """The scorecard's record and its file. Read here rather than by Scorecard.load, which also
     parses outcomes.json and refuses an altered one: verify must report that file, not stop at it."""
-    from .scorecard import REQUIRED_KEYS, read_record
+    from harness.records.scorecard import REQUIRED_KEYS, read_record
 
     record, p = read_record(scorecard_path)
     missing = [k for k in REQUIRED_KEYS if k not in record]

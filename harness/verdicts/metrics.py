@@ -67,16 +67,16 @@ def suite_metric_ids(config) -> list[str]:
             ids.append(metric_id("attack_success_rate", a.attack_id, eps.label))
     for (norm, _), label in worst_groups(config.attacks, per_entry).items():
         ids.append(metric_id("robust_accuracy", f"worst-{norm}", label))
-    from .probes import probe_metric_ids
+    from harness.evaluation.probes import probe_metric_ids
 
     return ids + _defense_metric_ids(config, ids) + [m for p in getattr(config, "probes", []) for m in probe_metric_ids(p)]
 
 
 def _defense_metric_ids(config, base: list[str]) -> list[str]:
-    """The metric ids the `defenses:` entries add (see harness.variants)."""
+    """The metric ids the `defenses:` entries add (see harness.evaluation.variants)."""
     if not getattr(config, "defenses", None):
         return []
-    from .variants import defense_kind, detector_metric_ids, variant_subject
+    from harness.evaluation.variants import defense_kind, detector_metric_ids, variant_subject
 
     out: list[str] = []
     for entry in config.defenses:

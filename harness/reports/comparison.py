@@ -15,9 +15,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .errors import BadInput
-from .files import write_text_atomic
-from .scorecard import Scorecard
+from harness.core.errors import BadInput
+from harness.core.files import write_text_atomic
+from harness.records.scorecard import Scorecard
 
 __all__ = ["compare", "compare_records", "Comparison"]
 
@@ -84,7 +84,7 @@ def _values(record: dict[str, Any]) -> dict[str, float]:
 def _intervals(record: dict[str, Any]) -> dict[str, list[float]]:
     if isinstance(record.get("intervals"), dict):
         return record["intervals"]
-    from .metrics import metric_intervals
+    from harness.verdicts.metrics import metric_intervals
 
     return metric_intervals(record)  # a scorecard saved before intervals were recorded
 
@@ -148,7 +148,7 @@ def _gate_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _curve_rows(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, dict[str, list[list[float]]]]:
     """Per norm, each version's worst-case line (its per-attack lines where it has no worst case)."""
-    from .metrics import curves
+    from harness.verdicts.metrics import curves
 
     out: dict[str, dict[str, list[list[float]]]] = {}
     for r, label in zip(records, labels):
@@ -162,10 +162,10 @@ def _curve_rows(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> dic
 def _flip_rows(cards: Sequence[Scorecard], labels: Sequence[str], shared: Sequence[str]) -> list[dict[str, Any]]:
     """Per non-reference version: per shared robust accuracy both carry per-sample outcomes for, how
     many samples went robust -> broken and back against the reference, McNemar's p, and by class.
-    Only where harness.outcomes.pairing (the rule max_drop gates use) finds the same samples; else
+    Only where harness.verdicts.outcomes.pairing (the rule max_drop gates use) finds the same samples; else
     the row's note says why it is not paired."""
-    from .metrics import mcnemar_p_value
-    from .outcomes import pairing
+    from harness.verdicts.metrics import mcnemar_p_value
+    from harness.verdicts.outcomes import pairing
 
     ref = cards[0].outcomes
     out = []
@@ -298,7 +298,7 @@ def _render(record: dict[str, Any], compact: bool) -> str:
     import jinja2
     from markupsafe import Markup
 
-    from .render import curve_svg
+    from harness.reports.render import curve_svg
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)

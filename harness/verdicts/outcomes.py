@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from .errors import BadInput
+from harness.core.errors import BadInput
 
 __all__ = ["Outcomes", "OUTCOMES_FILE", "OUTCOMES_SCHEMA_VERSION", "pack_bits", "unpack_bits", "sample_digests", "pairing",
            "DIGEST_BYTES"]
@@ -77,7 +77,7 @@ class Outcomes:
 
     @classmethod
     def from_evaluation(cls, ev: Any, ids: Any, labels: Any = None, x: Any = None) -> "Outcomes":
-        """From a runner Evaluation and the data's ids (harness.data.Data.ids): clean accuracy,
+        """From a runner Evaluation and the data's ids (harness.sources.data.Data.ids): clean accuracy,
         robust accuracy per attack entry and epsilon (or corruption and severity), and the worst case.
         With the data's images `x` (and `labels`), each sample's digest too (see sample_digests)."""
         flags = {k: _bools(v) for k, v in ev.flags().items()}

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .files import write_text_atomic
+from harness.core.files import write_text_atomic
 
 __all__ = ["STATE_FILE", "fingerprint", "save_state", "load_state"]
 
@@ -34,7 +34,7 @@ def fingerprint(config: dict[str, Any], model_sha256: str, dataset_sha256: str, 
 
 
 def _bits(mask) -> str:
-    from .outcomes import pack_bits
+    from harness.verdicts.outcomes import pack_bits
 
     return pack_bits(mask)
 
@@ -42,7 +42,7 @@ def _bits(mask) -> str:
 def _unbits(text: str, n: int):
     import torch
 
-    from .outcomes import unpack_bits
+    from harness.verdicts.outcomes import unpack_bits
 
     return torch.from_numpy(unpack_bits(text, n))
 
@@ -93,7 +93,7 @@ def load_state(path: Path, print_: str, n: int, attacks: Sequence[Any]) -> tuple
 
     A missing, unreadable or foreign state (another fingerprint) gives no units: the run starts
     over, and the line says why."""
-    from .runner import AttackResult
+    from harness.evaluation.runner import AttackResult
 
     if not path.exists():
         return {}, {}, f"nothing to resume in {path.parent}: starting from the beginning"

@@ -1,0 +1,1 @@
+"""Evaluation: the cascade over still-robust points, validity checks, defended variants, probes; records out."""

@@ -1,0 +1,1 @@
+"""Records: the scorecard record, provenance and verify, run state for resume."""

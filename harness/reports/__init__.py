@@ -1,0 +1,1 @@
+"""Reports: the record rendered as HTML, Markdown, JUnit, PNG and SVG; model versions compared."""

@@ -1,0 +1,1 @@
+"""Verdicts: metric ids and counts, per-sample outcomes, gates."""
