@@ -131,23 +131,24 @@ def variants(model: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: float, 
 
 
 def _runner_variants(model: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, rel: float) -> dict[str, Run]:
-    """harness.evaluation.runner.run_attack on the same points: PGD plus the runner's clipping, budget check and
-    re-scoring forward pass. It returns verdicts, not examples, so these runs report robust accuracy
-    directly (see `robust_accuracy`)."""
-    from harness.config import AttackConfig
+    """The runner's path on the same points: PGD as one unit of work on the local engine, plus its
+    clipping, budget check and re-scoring forward pass. It returns verdicts, not examples, so these
+    runs report robust accuracy directly (see `robust_accuracy`)."""
+    from harness.engines.base import Unit
+    from harness.engines.local import LocalEngine
     from harness.sources.data import data_from_tensors
-    from harness.evaluation.runner import run_attack
 
-    data = data_from_tensors(x, y)
-    correct = torch.ones(len(y), dtype=torch.bool)
+    engine = LocalEngine()
+    engine.start(model, data_from_tensors(x, y), [torch.device("cpu")])
+    rows = tuple(range(len(y)))
     out: dict[str, Run] = {}
     for early in (False, True):
-        cfg = AttackConfig(name="pgd", norm="linf", epsilons=[eps], steps=steps, rel_stepsize=rel, early_stop=early)
+        attack = PGD(steps, rel, early_stop=early)
 
-        def run(seed: int, cfg: AttackConfig = cfg) -> torch.Tensor:
-            (result,) = run_attack([model], data, correct, cfg, 0, len(y), seed, False)
-            return result.robust  # (n,) bool, in place of examples
-        out[f"runner.run_attack early_stop={early}"] = run
+        def run(seed: int, attack: PGD = attack) -> torch.Tensor:
+            (result,) = engine.run([Unit(attack=attack, norm="linf", epsilon=eps, rows=rows, seed=seed, batch_size=len(rows))])
+            return ~result.broken  # (n,) bool robust, in place of examples
+        out[f"runner (local engine) early_stop={early}"] = run
     return out
 
 
@@ -210,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "at 0.1 every point falls in the first step and early stopping has nothing to show: try 0.01)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-libraries", action="store_true", help="skip foolbox and ART")
-    p.add_argument("--no-runner", action="store_true", help="skip harness.evaluation.runner.run_attack")
+    p.add_argument("--no-runner", action="store_true", help="skip the runner's path (a unit on the local engine)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:

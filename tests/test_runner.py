@@ -192,3 +192,70 @@ def test_crash_exits_3_through_the_cli(planted, cli, tmp_path):
     assert result.exit_code == 3
     assert len(result.stderr.strip().splitlines()) == 1 and "scorecard.partial.json" in result.stderr
     assert (tmp_path / "out" / "scorecard.partial.json").is_file()
+
+
+class RowsOnly:
+    """A sample source with the contract and nothing else (no `.x`): the runner must read by rows."""
+
+    def __init__(self, data) -> None:
+        self._data, self.read_rows = data, []
+        self.y, self.ids, self.source, self.split, self.shape = data.y, data.ids, data.source, data.split, data.shape
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def read(self, rows):
+        self.read_rows.append(torch.as_tensor(rows).clone())
+        return self._data.read(rows)
+
+    def sha256(self) -> str:
+        return self._data.sha256()
+
+
+class Recording:
+    """The local engine, keeping every unit it is handed."""
+
+    def __init__(self) -> None:
+        from harness.engines.local import LocalEngine
+
+        self.inner, self.units = LocalEngine(), []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, units, on_done=None):
+        self.units += list(units)
+        return self.inner.run(units, on_done)
+
+
+def _suite_outcomes(ev):
+    return [(r.subject, r.label, r.robust.tolist(), r.attacked.tolist(), r.distance.nan_to_num(-1).tolist(), r.queries) for r in ev.results]
+
+
+def test_the_runner_hands_the_engine_units_and_reads_samples_by_rows(wrapped_digits):
+    from harness.config import parse_config
+    from harness.evaluation.runner import _seed, evaluate
+    from harness.sources.data import load_data
+
+    data = load_data("builtin:digits", limit=90)
+    attacks = parse_config({"attacks": [{"name": "fgsm", "norm": "linf", "epsilons": [0.1]},
+                                        {"name": "pgd", "norm": "linf", "epsilons": [0.1], "steps": 5}]}).attacks
+    cpu = [torch.device("cpu")]
+    plain = evaluate(wrapped_digits, data, attacks, cpu, batch_size=32, seed=7, show_progress=False)
+    source, engine = RowsOnly(data), Recording()
+    ev = evaluate(wrapped_digits, source, attacks, cpu, batch_size=32, seed=7, show_progress=False, engine=engine)
+    assert _suite_outcomes(ev) == _suite_outcomes(plain)  # the same results through a source that only reads rows
+    assert torch.equal(torch.cat(source.read_rows[:3]), torch.arange(90))  # the clean pass, in batches of 32
+    fgsm, pgd = ev.results
+    by_entry = {}
+    for u in engine.units:
+        by_entry.setdefault(u.entry, []).append(u)
+    assert sorted(by_entry) == ["0|fgsm-linf|0.1", "1|pgd-linf|0.1"]
+    for index, (result, units) in enumerate(zip(ev.results, by_entry.values())):
+        rows = [r for u in units for r in u.rows]
+        assert rows == torch.nonzero(result.attacked).flatten().tolist()  # the cascade: pgd gets fgsm's survivors only
+        assert [len(u.rows) for u in units][:-1] == [32] * (len(units) - 1)
+        # the seeds runs have always had: (run seed, (entry, stage, epsilon), batch)
+        assert [u.seed for u in units] == [_seed(7, _seed(index, 0, 0), i) for i in range(len(units))]
+        assert all(u.epsilon == 0.1 and u.norm == "linf" and u.batch_size == 32 for u in units)
+    assert int(pgd.attacked.sum()) == int(fgsm.robust.sum()) < int(ev.correct.sum())

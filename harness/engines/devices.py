@@ -11,9 +11,12 @@ import copy
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar, Union
 
 from harness.core.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["parse_devices", "resolve_devices", "replicate", "shard_map"]
 
@@ -33,7 +36,7 @@ def parse_devices(spec: Union[str, Sequence[str]]) -> list[str]:
     return items
 
 
-def resolve_devices(spec: Union[str, Sequence[str]]):
+def resolve_devices(spec: Union[str, Sequence[str]]) -> list["torch.device"]:
     """torch devices for a spec; `auto` is the first CUDA device if there is one, else the CPU."""
     import torch
 
@@ -54,7 +57,7 @@ def resolve_devices(spec: Union[str, Sequence[str]]):
     return devices
 
 
-def replicate(model, devices) -> list:
+def replicate(model: "torch.nn.Module", devices: Sequence["torch.device"]) -> list["torch.nn.Module"]:
     """One model per device; the same object where a device repeats (it is only read)."""
     replicas, by_device = [], {}
     for d in devices:
@@ -64,8 +67,10 @@ def replicate(model, devices) -> list:
     return replicas
 
 
-def shard_map(fn: Callable[[int, T, int], R], items: Sequence[T], n_devices: int, on_done: Callable[[], None] | None = None) -> list[R]:
-    """Calls fn(i, item, device_slot) for every item, item i on slot i % n_devices; results in order."""
+def shard_map(fn: Callable[[int, T, int], R], items: Sequence[T], n_devices: int,
+              on_done: Callable[[int, R], None] | None = None) -> list[R]:
+    """Calls fn(i, item, device_slot) for every item, item i on slot i % n_devices; results in order.
+    `on_done(i, result)` sees each result as it comes, one call at a time."""
     results: list = [None] * len(items)
     lock = threading.Lock()
 
@@ -74,7 +79,7 @@ def shard_map(fn: Callable[[int, T, int], R], items: Sequence[T], n_devices: int
             results[i] = fn(i, items[i], slot)
             if on_done is not None:
                 with lock:
-                    on_done()
+                    on_done(i, results[i])
 
     if n_devices == 1 or len(items) <= 1:
         work(0) if n_devices == 1 else [work(s) for s in range(n_devices)]

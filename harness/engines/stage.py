@@ -1,4 +1,4 @@
-"""Running one attack over (sample, epsilon) pairs on the devices, and trusting none of its output.
+"""Running one unit of work where the model lives, and trusting none of the attack's output.
 
 Every returned example is clipped to the input bounds, checked against its own budget (an example
 outside it is replaced by the clean input: it is not an adversarial example) and re-scored by the
@@ -7,25 +7,27 @@ and gradient evaluations; the re-scoring pass is not counted.
 
 Out of device memory, a batch is split in two and each half retried, down to one sample; the
 smaller size then holds for the rest of the run (`BatchLimit`), so later batches do not fail first.
+Any engine (local threads, a Ray worker) runs a unit through `run_unit` and a clean batch through
+`forward_rows`, so the guarantees of `harness.engines.base` hold wherever the work runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 
 from harness.attacks import BOUNDS, BUDGET_TOLERANCE, ThreatModel
+from harness.core.errors import BadInput, RunFailed
+from harness.engines.base import EXAMPLES, Unit, UnitResult
 
-from harness.engines.devices import shard_map
-from harness.core.errors import RunFailed
+if TYPE_CHECKING:
+    from harness.sources.data import Data
 
-__all__ = ["Counting", "PairResult", "run_pairs", "device_of", "is_oom", "BatchLimit", "halving", "EXAMPLES"]
-
-EXAMPLES = 4  # adversarial examples kept per attack run, for the report
+__all__ = ["Counting", "run_unit", "forward_rows", "device_of", "is_oom", "BatchLimit", "halving", "strict_fp32", "EXAMPLES"]
 
 
 def is_oom(e: BaseException) -> bool:
@@ -48,7 +50,7 @@ class BatchLimit:
             self.size = half if self.size is None else min(self.size, half)
 
 
-def halving(fn: Callable[[torch.Tensor, int], tuple], rows: torch.Tensor, seed: int, limit: BatchLimit, what: str) -> list[tuple]:
+def halving(fn: Callable[[torch.Tensor, int], object], rows: torch.Tensor, seed: int, limit: BatchLimit, what: str) -> list:
     """fn(rows, seed) on `rows`, split into pieces of at most `limit.size`; a piece that runs out of
     memory is halved and retried (the halves get seeds derived from the piece's). Returns fn's
     results in row order. At one row and still out of memory: RunFailed."""
@@ -106,55 +108,38 @@ class Counting(torch.nn.Module):
         return out
 
 
-@dataclass
-class PairResult:
-    """Per pair (sample, epsilon): broken by the attack, perturbation size; and the run's totals."""
-
-    broken: torch.Tensor  # (m,) bool
-    distance: torch.Tensor  # (m,) float
-    target_hit: torch.Tensor  # (m,) bool (False when untargeted)
-    violations: int
-    nonfinite: int
-    queries: int
-    gradients: int
-    seconds: float
-    # a few adversarial examples, for the report: (sample index into x_all, example on the CPU, its prediction)
-    examples: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 off while evaluating: a re-scored prediction must not flip on reduced-precision math."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
-def run_pairs(attack, replicas: Sequence[torch.nn.Module], counters: Sequence[Counting], x_all: torch.Tensor,
-              y_all: torch.Tensor, sample: torch.Tensor, eps: torch.Tensor, norm: str, batch_size: int,
-              seed_of: Callable[[int], int], target_all: Optional[torch.Tensor] = None,
-              on_batch: Optional[Callable[[], None]] = None, limit: Optional[BatchLimit] = None) -> PairResult:
-    """Attacks pairs (sample[i], eps[i]) in batches sharded over the replicas; eps may be inf (minimal attacks)."""
-    m = int(sample.numel())
-    batches = list(torch.arange(m).split(max(1, batch_size))) if m else []  # split() of nothing gives one empty batch
+def run_unit(unit: Unit, model: torch.nn.Module, counter: Counting, data: "Data", limit: BatchLimit) -> UnitResult:
+    """The unit's attack on its rows, on `model`'s device; `counter` wraps `model` and is used by
+    this unit alone while it runs (its counts are taken before and after)."""
+    rows = torch.tensor(unit.rows, dtype=torch.long)
+    targets = None if unit.targets is None else torch.tensor(unit.targets, dtype=torch.long)
 
-    limit = limit if limit is not None else BatchLimit()
-
-    def run(i: int, rows: torch.Tensor, slot: int):
-        parts = halving(lambda r, seed: attack_rows(r, seed, slot), rows, seed_of(i), limit, "an attack batch")
-        if len(parts) == 1:
-            return parts[0]
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]),
-                sum(p[3] for p in parts), sum(p[4] for p in parts), [e for p in parts for e in p[5]][:EXAMPLES])
-
-    def attack_rows(rows: torch.Tensor, seed: int, slot: int):
-        model = replicas[slot]
+    def attack_rows(pos: torch.Tensor, seed: int) -> UnitResult:
         device = device_of(model)
-        idx = sample[rows]
-        x, y = x_all[idx].to(device), y_all[idx].to(device)
-        e = eps[rows].to(device=device, dtype=x.dtype)
-        threat = ThreatModel(norm, e)
-        extra = {} if target_all is None else {"target": target_all[idx].to(device)}
+        idx = rows[pos]
+        x, y = data.read(idx).to(device), data.y[idx].to(device)
+        e = torch.full((idx.numel(),), unit.epsilon).to(device=device, dtype=x.dtype)
+        threat = ThreatModel(unit.norm, e)
+        extra = {} if targets is None else {"target": targets[pos].to(device)}
         gen = torch.Generator(device=device).manual_seed(seed)
-        adv = attack(counters[slot], x, y, threat, generator=gen, **extra).detach()
+        adv = unit.attack(counter, x, y, threat, generator=gen, **extra).detach()
         with torch.no_grad():
-            adv = adv.to(x.dtype).clamp(*BOUNDS)  # the runner owns the bounds, whatever the attack returned
+            adv = adv.to(x.dtype).clamp(*BOUNDS)  # the engine owns the bounds, whatever the attack returned
             finite = torch.isfinite(adv).flatten(1).all(dim=1)
             adv = torch.where(_rows(finite, adv), adv, x)
             inside = threat.contains(adv, x, BUDGET_TOLERANCE)
@@ -167,18 +152,33 @@ def run_pairs(attack, replicas: Sequence[torch.nn.Module], counters: Sequence[Co
             dist = threat.distance(adv, x)
         shown = torch.nonzero(broken & ok).flatten()[:EXAMPLES]
         examples = [(int(idx[k]), adv[k].detach().cpu(), int(pred[k])) for k in shown.tolist()]
-        return broken.cpu(), dist.cpu(), hit.cpu(), int((~inside).sum()), int((~finite).sum()) + int((~ok).sum()), examples
+        return UnitResult(broken.cpu(), dist.cpu(), hit.cpu(), int((~inside).sum()), int((~finite).sum()) + int((~ok).sum()),
+                          examples=examples)
 
-    for c in counters:
-        c.take()
+    counter.take()
     start = time.perf_counter()
-    parts = shard_map(run, batches, len(replicas), on_done=on_batch)
+    parts = halving(attack_rows, torch.arange(len(unit.rows)), unit.seed, limit, "an attack batch")
     seconds = time.perf_counter() - start
-    counts = [c.take() for c in {id(c): c for c in counters}.values()]
-    cat = lambda k, dtype: torch.cat([p[k] for p in parts]) if parts else torch.zeros(0, dtype=dtype)
-    return PairResult(
-        broken=cat(0, torch.bool), distance=cat(1, torch.float32), target_hit=cat(2, torch.bool),
-        violations=sum(p[3] for p in parts), nonfinite=sum(p[4] for p in parts),
-        queries=sum(q for q, _ in counts), gradients=sum(g for _, g in counts), seconds=seconds,
-        examples=[e for p in parts for e in p[5]][:EXAMPLES],
-    )
+    queries, gradients = counter.take()
+    out = parts[0] if len(parts) == 1 else UnitResult.concat(parts)
+    out.queries, out.gradients, out.seconds = queries, gradients, seconds
+    return out
+
+
+def forward_rows(model: torch.nn.Module, data: "Data", rows: torch.Tensor, limit: BatchLimit) -> torch.Tensor:
+    """The model's logits (float32, CPU) for these rows; checks the model's output against the data."""
+
+    def forward(idx: torch.Tensor, _seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            try:
+                out = model(data.read(idx).to(device_of(model)))
+            except Exception as e:
+                if is_oom(e):
+                    raise
+                raise BadInput(data.source, f"the model cannot take this data: inputs of shape {tuple(data.shape)} fail with {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(idx):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise BadInput("model.source", f"the model must return (batch, classes) scores, returned {shape} for a batch of {len(idx)}")
+        return out.float().cpu()
+
+    return torch.cat(halving(forward, rows, 0, limit, "the clean pass"))

@@ -6,14 +6,16 @@ its stage and the last stage's is the exact per-sample worst case. `cascade: fal
 attack on every correctly classified point instead. Minimal-perturbation attacks (no budget) see
 every correct point: their per-sample distances imply a robust accuracy at each epsilon.
 
-Randomness comes from one generator per (attack, stage, epsilon, batch) seeded from the run's seed,
-so metrics do not depend on the number of devices.
+The work itself goes to an engine (`harness.engines.base`) as units: one batch of sample rows of
+one attack stage at one epsilon, with its seed. Randomness comes from one generator per unit
+(attack, stage, epsilon, batch) seeded from the run's seed, so metrics do not depend on the number
+of devices or on the engine. The runner reads samples through `data.read(rows)` only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -21,16 +23,18 @@ import torch
 
 from harness.attacks import BUDGET_TOLERANCE
 from harness.attacks.base import access_of, describe
-
 from harness.config import AttackConfig, CorruptionConfig
-from harness.sources.data import Data
-from harness.engines.devices import replicate, shard_map
+from harness.config.metric_ids import entry_epsilons, worst_groups
+from harness.core.curves import curves
 from harness.core.errors import BadInput
+from harness.core.ids import metric_id
+from harness.engines.base import EXAMPLES, Engine, Unit, UnitResult
+from harness.engines.local import LocalEngine
+from harness.engines.stage import BatchLimit, device_of, strict_fp32
 from harness.evaluation import checks as validity
 from harness.evaluation.checks import record
-from harness.verdicts.metrics import curves, entry_epsilons, metric_id, worst_groups
+from harness.sources.data import Data
 from harness.sources.models import BoundedModel, looks_like_probabilities
-from harness.engines.stage import EXAMPLES, BatchLimit, Counting, device_of, halving, is_oom, run_pairs
 
 __all__ = ["AttackResult", "Evaluation", "evaluate", "check_record"]
 
@@ -75,7 +79,7 @@ class AttackResult:
     def median_interval(self) -> dict[str, Any]:
         """The distribution-free 95% interval of a minimal attack's median perturbation, over the
         correctly classified points it ran on (a point it never broke counts as inf)."""
-        from harness.verdicts.metrics import median_interval
+        from harness.core.stats import median_interval
 
         sizes = self.distance[self.attacked]
         lo, hi = median_interval(sizes.tolist())
@@ -159,31 +163,11 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
     return progress_bar(total=total, desc=desc, enabled=enabled)
 
 
-def clean_pass(replicas: Sequence[BoundedModel], data: Data, batch_size: int, num_classes: Optional[int], show: Optional[bool],
-               limit: Optional[BatchLimit] = None):
+def clean_pass(engine: Engine, data: Data, batch_size: int, num_classes: Optional[int], show: Optional[bool]) -> torch.Tensor:
     """Logits for every sample; checks the model's output against the data on the way."""
-    batches = list(torch.arange(len(data)).split(max(1, batch_size)))
-    limit = limit if limit is not None else BatchLimit()
-
-    def forward(idx: torch.Tensor, slot: int) -> torch.Tensor:
-        model = replicas[slot]
-        with torch.no_grad():
-            try:
-                out = model(data.x[idx].to(device_of(model)))
-            except Exception as e:
-                if is_oom(e):
-                    raise
-                raise BadInput(data.source, f"the model cannot take this data: inputs of shape {tuple(data.x.shape[1:])} fail with {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(idx):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise BadInput("model.source", f"the model must return (batch, classes) scores, returned {shape} for a batch of {len(idx)}")
-        return out.float().cpu()
-
-    def run(i: int, idx: torch.Tensor, slot: int) -> torch.Tensor:
-        return torch.cat(halving(lambda rows, _: forward(rows, slot), idx, 0, limit, "the clean pass"))
-
+    batches = [tuple(b.tolist()) for b in torch.arange(len(data)).split(max(1, batch_size))]
     with _progress(len(batches), "clean", show) as bar:
-        logits = torch.cat(shard_map(run, batches, len(replicas), on_done=lambda: bar.update(1)))
+        logits = torch.cat(engine.forward(batches, on_done=lambda i: bar.update(1)))
     classes = logits.shape[1]
     if num_classes is not None and classes != num_classes:
         raise BadInput("model.num_classes", f"the config says {num_classes} classes but the model returns {classes} scores")
@@ -217,27 +201,39 @@ def _targets(cfg: AttackConfig, logits: torch.Tensor, y: torch.Tensor, seed: int
     return (y + torch.randint(1, classes, y.shape, generator=g)) % classes  # uniform over the other classes
 
 
+@dataclass(frozen=True)
+class Corruption:
+    """A common corruption at one severity, in the attack signature, so it travels in a Unit like any attack."""
+
+    kind: str
+    severity: int
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Any, *,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        from harness.attacks.baselines import corrupt
+
+        return corrupt(self.kind, x, self.severity, generator)
+
+
 def _unit(index: int, *keys: Any) -> str:
     return "|".join(str(k) for k in (index, *keys))
 
 
 class _Suite:
-    """State of one evaluation: replicas, counters and, per (norm, eps), the points still robust.
+    """State of one evaluation: the engine and, per (norm, eps), the points still robust.
 
     Each finished unit (an attack at one epsilon; a minimal attack; a corruption at one severity)
     goes to `emit` at once, so it can be saved; a unit found in `done` (a saved run being resumed)
     is restored instead of recomputed, cascade state included.
     """
 
-    def __init__(self, replicas, data: Data, correct: torch.Tensor, logits: torch.Tensor, batch_size: int, seed: int,
+    def __init__(self, engine: Engine, data: Data, correct: torch.Tensor, logits: torch.Tensor, batch_size: int, seed: int,
                  cascade: bool, show: Optional[bool], emit: Callable[[list[AttackResult]], None],
-                 done: Optional[dict[str, list[AttackResult]]] = None, limit: Optional[BatchLimit] = None) -> None:
-        self.replicas, self.data, self.correct, self.logits = replicas, data, correct, logits
-        self.counters = [Counting(m) for m in replicas]
-        self.batch_size, self.seed, self.cascade, self.show = batch_size, seed, cascade, show
+                 done: Optional[dict[str, list[AttackResult]]] = None) -> None:
+        self.engine, self.data, self.correct, self.logits = engine, data, correct, logits
+        self.batch_size, self.seed, self.cascade, self.show = max(1, batch_size), seed, cascade, show
         self.alive: dict[tuple[str, float], torch.Tensor] = {}
         self.emit, self.done = emit, done or {}
-        self.limit = limit if limit is not None else BatchLimit()
 
     def alive_at(self, norm: str, eps: float) -> torch.Tensor:
         return self.alive.setdefault((norm, eps), self.correct.clone())
@@ -254,14 +250,25 @@ class _Suite:
         self.emit(saved)
         return saved
 
-    def attack_points(self, attack, norm: str, eps: float, points: torch.Tensor, keys: tuple, target) -> tuple:
-        """Runs `attack` on `points` (bool mask) at one epsilon; returns (broken mask, distances, PairResult)."""
+    def units(self, attack: Any, norm: str, eps: float, sample: torch.Tensor, key: int, target: Optional[torch.Tensor],
+              entry: str = "", stage: int = 0) -> list[Unit]:
+        """`sample` (rows) in batches, batch i seeded from (run seed, key, i)."""
+        return [Unit(attack=attack, norm=norm, epsilon=float(eps), rows=tuple(rows.tolist()), seed=_seed(self.seed, key, i),
+                     batch_size=self.batch_size, targets=None if target is None else tuple(target[rows].tolist()),
+                     entry=entry, stage=stage, batch=i)
+                for i, rows in enumerate(sample.split(self.batch_size))] if sample.numel() else []
+
+    def attack_points(self, attack, norm: str, eps: float, points: torch.Tensor, keys: tuple, target: Optional[torch.Tensor],
+                      entry: str = "", stage: int = 0) -> tuple[torch.Tensor, torch.Tensor, UnitResult]:
+        """Runs `attack` on `points` (bool mask) at one epsilon; returns (broken mask, distances, the stage's UnitResult).
+        keys: (the seed key of this stage, names for the progress bar...)."""
         n = len(self.data)
         sample = torch.nonzero(points).flatten()
-        eps_t = torch.full((sample.numel(),), eps)
-        with _progress(math.ceil(sample.numel() / self.batch_size), "/".join(map(str, keys[1:])) or "attack", self.show) as bar:
-            res = run_pairs(attack, self.replicas, self.counters, self.data.x, self.data.y, sample, eps_t, norm, self.batch_size,
-                            lambda i: _seed(self.seed, *keys[0:1], i), target, on_batch=lambda: bar.update(1), limit=self.limit)
+        units = self.units(attack, norm, eps, sample, keys[0], target, entry, stage)
+        with _progress(len(units), "/".join(map(str, keys[1:])) or "attack", self.show) as bar:
+            start = time.perf_counter()
+            parts = self.engine.run(units, on_done=lambda i, r: bar.update(1))
+            res = UnitResult.concat(parts, seconds=time.perf_counter() - start)  # wall time: devices work side by side
         broken = torch.zeros(n, dtype=torch.bool)
         dist = torch.full((n,), float("nan"))
         broken[sample], dist[sample] = res.broken, res.distance
@@ -286,7 +293,8 @@ class _Suite:
                                              cascade=self.cascade, params=_params(attack, cfg), unit=unit), []
             for s, (stage_name, stage_attack) in enumerate(stages):
                 points = alive & ~broken_all
-                broken, d, res = self.attack_points(stage_attack, cfg.norm, eps.value, points, (_seed(index, s, j), cfg.attack_id, eps.label), target)
+                broken, d, res = self.attack_points(stage_attack, cfg.norm, eps.value, points, (_seed(index, s, j), cfg.attack_id, eps.label), target,
+                                                    unit, s)
                 broken_all |= broken
                 dist = torch.where(broken, d, dist)
                 total.seconds += res.seconds
@@ -317,7 +325,7 @@ class _Suite:
             return saved
         attack = cfg.build()
         target = _targets(cfg, self.logits, self.data.y, self.seed, index)
-        broken, dist, res = self.attack_points(attack, cfg.norm, math.inf, self.correct, (_seed(index, 0, 0), cfg.attack_id), target)
+        broken, dist, res = self.attack_points(attack, cfg.norm, math.inf, self.correct, (_seed(index, 0, 0), cfg.attack_id), target, unit)
         # per correct point its distance, inf where never broken: the median and its interval read these
         dist = torch.where(self.correct, torch.where(broken, dist, torch.inf), torch.nan)
         sizes = dist[self.correct]
@@ -342,8 +350,6 @@ class _Suite:
         return out
 
     def corruptions(self, cfg: CorruptionConfig, index: int) -> list[AttackResult]:
-        from harness.attacks.baselines import corrupt
-
         out = []
         for k, kind in enumerate(cfg.kinds):
             for sev in cfg.severities:
@@ -352,11 +358,8 @@ class _Suite:
                 if saved is not None:
                     out += saved
                     continue
-
-                def apply(model, x, y, threat, *, generator=None, kind=kind, sev=sev):
-                    return corrupt(kind, x, sev, generator)
-
-                broken, dist, res = self.attack_points(apply, "linf", math.inf, self.correct, (_seed(index, k, sev), kind, str(sev)), None)
+                broken, dist, res = self.attack_points(Corruption(kind, sev), "linf", math.inf, self.correct,
+                                                       (_seed(index, k, sev), kind, str(sev)), None, unit)
                 out.append(AttackResult(cfg, kind, str(sev), None, self.correct & ~broken, self.correct.clone(), broken, dist,
                                         seconds=res.seconds, nonfinite=res.nonfinite, cascade=False, unit=unit, examples=res.examples))
                 self.emit(out[-1:])
@@ -391,7 +394,7 @@ def validity_checks(model: BoundedModel, data: Data, ev: Evaluation, attacks: Se
     dev = device_of(model)
     gen = lambda k: torch.Generator(device=dev).manual_seed(_seed(seed, 0xC4EC, k))
     pick = torch.linspace(0, len(data) - 1, min(len(data), _CHECK_POINTS)).round().long().unique()
-    x, y = data.x[pick].to(dev), data.y[pick].to(dev)
+    x, y = data.read(pick).to(dev), data.y[pick].to(dev)
     out = [validity.randomness(model, x, sample=sample), validity.gradients(model, x, y, sample=sample)]
     bounded = [r for r in ev.results if r.norm is not None and r.parts]
     strongest = _strongest(attacks) if bounded else None
@@ -404,7 +407,10 @@ def validity_checks(model: BoundedModel, data: Data, ev: Evaluation, attacks: Se
         key = metric_id("robust_accuracy", f"worst-{cfg.norm}", ev.groups.get((cfg.norm, eps.value), eps.label))
         alive = ev.worst_case().get(key, ev.correct)
         idx = torch.nonzero(alive).flatten()
-        out.append(validity.more_steps(model, attack, data.x[idx].to(dev), data.y[idx].to(dev), ThreatModel(cfg.norm, eps.value),
+        # more_steps looks at `sample` survivors spread over them: read only those (it spreads an
+        # already-spread set onto itself, so it sees the same points)
+        idx = idx[validity._spread(len(idx), sample, idx.device)]
+        out.append(validity.more_steps(model, attack, data.read(idx).to(dev), data.y[idx].to(dev), ThreatModel(cfg.norm, eps.value),
                                        generator=gen(2), sample=sample))
         out.append(validity.zero_epsilon(model, attack, x, y, generator=gen(3), norm=cfg.norm, sample=sample))
     else:
@@ -420,50 +426,49 @@ def validity_checks(model: BoundedModel, data: Data, ev: Evaluation, attacks: Se
     return out
 
 
-@contextlib.contextmanager
-def strict_fp32():
-    """TF32 off while evaluating: a re-scored prediction must not flip on reduced-precision math."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def evaluate(model: BoundedModel, data: Data, attacks: Sequence[Any], devices: Sequence[torch.device],
              batch_size: int = 256, seed: int = 0, num_classes: Optional[int] = None,
              on_result: Optional[Callable[[Evaluation], None]] = None, show_progress: Optional[bool] = None,
-             cascade: bool = True, done: Optional[dict[str, list[AttackResult]]] = None) -> Evaluation:
+             cascade: bool = True, done: Optional[dict[str, list[AttackResult]]] = None,
+             engine: Optional[Engine] = None) -> Evaluation:
     """Runs the suite; `on_result` sees the evaluation after each finished unit (an attack at one
-    epsilon), to save it as it goes; units in `done` (from a saved run) are restored, not rerun."""
-    limit = BatchLimit()
-    with strict_fp32():
-        replicas = replicate(model, devices)
-        logits = clean_pass(replicas, data, batch_size, num_classes, show_progress, limit)
-        checks = [validity.output_logits(logits)]
-        if looks_like_probabilities(logits):
-            for m in replicas:
-                m.outputs_probabilities = True
-        finite = bool(torch.isfinite(logits).all())
-        correct = (logits.argmax(dim=1) == data.y) & torch.isfinite(logits).all(dim=1)
-        per_entry = entry_epsilons(attacks)
-        ev = Evaluation(n=len(data), correct=correct, checks=checks, groups=worst_groups(attacks, per_entry), ids=data.ids)
+    epsilon), to save it as it goes; units in `done` (from a saved run) are restored, not rerun.
+    The work runs on `engine` (default: a LocalEngine over `devices`, closed at the end; an engine
+    handed in is started here and left open for the caller)."""
+    own = engine is None
+    engine = LocalEngine() if engine is None else engine
+    try:
+        with strict_fp32():
+            engine.start(model, data, devices)
+            logits = clean_pass(engine, data, batch_size, num_classes, show_progress)
+            checks = [validity.output_logits(logits)]
+            if looks_like_probabilities(logits):
+                model.outputs_probabilities = True
+                engine.update(model)
+            finite = bool(torch.isfinite(logits).all())
+            correct = (logits.argmax(dim=1) == data.y) & torch.isfinite(logits).all(dim=1)
+            per_entry = entry_epsilons(attacks)
+            ev = Evaluation(n=len(data), correct=correct, checks=checks, groups=worst_groups(attacks, per_entry), ids=data.ids)
 
-        def emit(results: list[AttackResult]) -> None:
-            ev.results.extend(results)
-            if on_result is not None:
-                on_result(ev)
+            def emit(results: list[AttackResult]) -> None:
+                ev.results.extend(results)
+                if on_result is not None:
+                    on_result(ev)
 
-        suite = _Suite(replicas, data, correct, logits, batch_size, seed, cascade, show_progress, emit, done, limit)
-        for i, (cfg, eps_list) in enumerate(zip(attacks, per_entry)):
-            if isinstance(cfg, CorruptionConfig):
-                suite.corruptions(cfg, i)
-            elif cfg.minimal:
-                suite.minimal(cfg, eps_list, i)
-            else:
-                suite.bounded(cfg, eps_list, i)
-        checks += validity_checks(replicas[0], data, ev, attacks, seed, limit)
+            suite = _Suite(engine, data, correct, logits, batch_size, seed, cascade, show_progress, emit, done)
+            for i, (cfg, eps_list) in enumerate(zip(attacks, per_entry)):
+                if isinstance(cfg, CorruptionConfig):
+                    suite.corruptions(cfg, i)
+                elif cfg.minimal:
+                    suite.minimal(cfg, eps_list, i)
+                else:
+                    suite.bounded(cfg, eps_list, i)
+            # in this process, on the first device, as before the engine: model.to is a no-op where the engine put it there
+            checks += validity_checks(model.to(devices[0]), data, ev, attacks, seed, engine.limit)
+    finally:
+        if own:
+            engine.close()
+    limit = engine.limit
     violations = sum(r.violations for r in ev.results)
     nonfinite = sum(r.nonfinite for r in ev.results) + (0 if finite else 1)
     # examples made under a finite budget: a minimal attack's and a corruption's have none to keep to
