@@ -144,6 +144,7 @@ def test_a_detector_without_gradients_is_attacked_through_a_surrogate_and_judged
     from harness.defenses.detectors import MahalanobisDetector
     from harness.config import AttackConfig
     from harness.evaluation.variants import _detector_records
+    from harness.sources.samples import TensorData
 
     class NoGradient:
         kind = "detector"
@@ -164,7 +165,7 @@ def test_a_detector_without_gradients_is_attacked_through_a_surrogate_and_judged
         correct = wrapped_digits(x).argmax(dim=1) == y
     entry = SimpleNamespace(defense_id="numpy-det", name="numpy-det", params={}, fpr=0.1)
     det = NoGradient()
-    rec, metrics = _detector_records(entry, det, wrapped_digits, SimpleNamespace(x=x, y=y), correct,
+    rec, metrics = _detector_records(entry, det, wrapped_digits, TensorData(x=x, y=y, ids=torch.arange(len(y)), source="test", split="test"), correct,
                                      [AttackConfig(name="pgd", norm="linf", epsilons=[0.2], steps=5)], 0, 64)
     assert rec["adaptive"]["surrogate"] == "mahalanobis" and "no gradient" in rec["adaptive"]["why"]
     assert det.scored >= 6  # threshold and judging, both rows, by the detector itself

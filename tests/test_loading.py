@@ -55,8 +55,9 @@ def test_npz_float_is_taken_as_is(tmp_path):
     x = np.random.default_rng(0).random((6, 1, 4, 4), dtype=np.float32)
     path = write_npz(tmp_path / "f.npz", x, np.array([0, 1, 2, 0, 1, 2]))
     data = load_data(f"npz:{path}")
-    assert data.x.dtype == torch.float32 and data.y.dtype == torch.int64
-    assert torch.equal(data.x, torch.from_numpy(x))
+    everything = data.read(torch.arange(len(data)))
+    assert everything.dtype == torch.float32 and data.y.dtype == torch.int64 and data.shape == (1, 4, 4)
+    assert torch.equal(everything, torch.from_numpy(x))
     assert data.y.tolist() == [0, 1, 2, 0, 1, 2]
     assert data.ids.tolist() == list(range(6))
 
@@ -64,9 +65,10 @@ def test_npz_float_is_taken_as_is(tmp_path):
 def test_npz_uint8_is_scaled_to_unit_range(tmp_path):
     x = np.array([0, 51, 255, 128], dtype=np.uint8).reshape(1, 1, 2, 2).repeat(3, axis=0)
     data = load_data(f"npz:{write_npz(tmp_path / 'u.npz', x, np.array([1, 1, 0]))}")
-    assert data.x.dtype == torch.float32
-    assert data.x[0].flatten().tolist() == pytest.approx([0.0, 0.2, 1.0, 128 / 255])
-    assert float(data.x.min()) == 0.0 and float(data.x.max()) == 1.0
+    everything = data.read(torch.arange(3))
+    assert everything.dtype == torch.float32
+    assert data.read(0).flatten().tolist() == pytest.approx([0.0, 0.2, 1.0, 128 / 255])
+    assert float(everything.min()) == 0.0 and float(everything.max()) == 1.0
 
 
 def test_npz_path_is_relative_to_base(tmp_path):
@@ -90,7 +92,7 @@ def test_limit_is_a_deterministic_sorted_subset(tmp_path):
     assert len(a) == 20 and len(set(a.ids.tolist())) == 20
     assert a.ids.tolist() == sorted(a.ids.tolist())
     # each sample is the one its id names
-    assert torch.equal(a.x.flatten(), a.ids.float() / n)
+    assert torch.equal(a.read(torch.arange(len(a))).flatten(), a.ids.float() / n)
     assert torch.equal(a.y, a.ids % 10)
 
 
@@ -101,7 +103,7 @@ def test_limit_at_or_above_n_gives_everything(limit):
 
 def test_builtin_digits_subset_is_stable():
     a = load_data("builtin:digits", "test", limit=32, seed=0)
-    assert len(a) == 32 and a.x.shape[1:] == (1, 8, 8)
+    assert len(a) == 32 and a.shape == (1, 8, 8)
     assert torch.equal(a.ids, load_data("builtin:digits", "test", limit=32, seed=0).ids)
     assert len(load_data("builtin:digits", "test")) == 450  # 25% of scikit-learn's 1797 digits
 
@@ -122,10 +124,11 @@ def test_imagefolder_labels_follow_sorted_folder_names(tmp_path):
     write_png(tmp_path / "apple" / "b.png", 51, (6, 6))
     write_png(tmp_path / "mango" / "a.png", 102, (6, 6))
     data = load_data(f"imagefolder:{tmp_path}")
-    assert data.x.shape == (4, 3, 6, 6)  # ImageFolder reads RGB
+    x = data.read(torch.arange(len(data)))
+    assert x.shape == (4, 3, 6, 6) and data.shape == (3, 6, 6)  # ImageFolder reads RGB
     assert data.y.tolist() == [0, 0, 1, 2]
-    assert 0.0 <= float(data.x.min()) and float(data.x.max()) <= 1.0
-    assert [round(float(v), 4) for v in data.x.mean(dim=(1, 2, 3))] == [0.0, 0.2, 0.4, 1.0]
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert [round(float(v), 4) for v in x.mean(dim=(1, 2, 3))] == [0.0, 0.2, 0.4, 1.0]
 
 
 def test_imagefolder_uses_the_split_folder_when_there_is_one(tmp_path):
@@ -146,9 +149,10 @@ def mixed_sizes(root: Path) -> None:
 def test_imagefolder_image_size_resizes_mixed_sizes(tmp_path, size, shape):
     mixed_sizes(tmp_path)
     data = load_data(f"imagefolder:{tmp_path}", image_size=size)
-    assert data.x.shape == (3, 3, *shape)
+    x = data.read(torch.arange(len(data)))
+    assert x.shape == (3, 3, *shape)
     assert data.y.tolist() == [0, 0, 1]
-    assert torch.allclose(data.x[:2], torch.ones(1)) and torch.allclose(data.x[2], torch.zeros(1))
+    assert torch.allclose(x[:2], torch.ones(1)) and torch.allclose(x[2], torch.zeros(1))
 
 
 def test_imagefolder_mixed_sizes_without_image_size_is_exit_2(cli, tmp_path):
@@ -192,7 +196,7 @@ def test_torchvision_dataset_is_never_asked_to_download(tmp_path, monkeypatch):
     monkeypatch.setattr(tvd, "CIFAR10", FakeCIFAR10)
     data = load_data("torchvision:CIFAR10:data", split="test", base=tmp_path)
     assert calls == [{"root": str(tmp_path / "data"), "train": False, "download": False}]
-    assert data.y.tolist() == [0, 1, 2] and data.x[2].flatten().tolist() == [0.5] * 12
+    assert data.y.tolist() == [0, 1, 2] and data.read(2).flatten().tolist() == [0.5] * 12
 
 
 # --- model sources ----------------------------------------------------------------------------
@@ -209,7 +213,7 @@ def test_python_factory_kwargs_through_a_config(tmp_path):
                         "data": {"limit": 32}})
     data = load_data("builtin:digits", limit=32)
     with torch.no_grad():
-        logits = tiny_linear(num_classes=12)(data.x)
+        logits = tiny_linear(num_classes=12)(data.read(torch.arange(len(data))))
     assert logits.shape == (32, 12) and card.provenance["samples"] == 32
     assert card.metrics["clean_accuracy"] == pytest.approx(float((logits.argmax(1) == data.y).float().mean()))
 
@@ -358,7 +362,7 @@ def test_probability_model_is_flagged_in_the_scorecard():
     # the logarithm handed to attacks keeps the predictions of the probabilities
     data = load_data("builtin:digits", limit=32)
     with torch.no_grad():
-        probs = softmax_linear()(data.x)
+        probs = softmax_linear()(data.read(torch.arange(len(data))))
     assert card.metrics["clean_accuracy"] == pytest.approx(float((probs.argmax(1) == data.y).float().mean()))
 
 

@@ -23,7 +23,7 @@ from harness.core.errors import BadInput
 from harness.verdicts.gates import judge_gates
 from harness.verdicts.metrics import auroc_interval, interval_methods, metric_counts, metric_intervals, wilson_interval
 from harness.verdicts.outcomes import Outcomes, pairing, sample_digests
-from harness.records.scorecard import Scorecard
+from harness.reports.scorecard import Scorecard
 
 ROBUST = "robust_accuracy:pgd-linf@0.1"
 
@@ -42,7 +42,7 @@ def _outcomes(ds, robust_every: int = 2) -> Outcomes:
     """Outcomes of a run on `ds` whose robust points are decided by the sample's content (its label),
     so the same sample is robust in every run that scores it."""
     robust = (ds.y % robust_every == 0)
-    return Outcomes.from_evaluation(_Evaluation({ROBUST: robust}), ds.ids, ds.y, ds.x)
+    return Outcomes.from_evaluation(_Evaluation({ROBUST: robust}), ds)
 
 
 # --- pairing: the same samples, or say why not ----------------------------------------------------

@@ -31,28 +31,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from harness.config.metric_ids import defense_kind, detector_groups, detector_metric_ids, variant_subject, white_box_attacks
 from harness.core.errors import BadInput
+from harness.core.ids import metric_id
+from harness.core.stats import wilson_interval
 
 __all__ = ["defense_kind", "variant_subject", "evaluate_defenses"]
-
-
-def defense_kind(defense: Any) -> str:
-    if hasattr(defense, "transform"):
-        return "preprocessing"
-    if hasattr(defense, "fit") and hasattr(defense, "score"):
-        return "detector"
-    return "trained"
-
-
-def variant_subject(prefix: str, metric: str) -> Optional[str]:
-    """`robust_accuracy:pgd-linf@0.1` -> `robust_accuracy:<prefix>/pgd-linf@0.1`; clean accuracy ->
-    `clean_accuracy:<prefix>`; None for a metric a variant does not have."""
-    family, _, rest = metric.partition(":")
-    if metric == "clean_accuracy":
-        return f"clean_accuracy:{prefix}"
-    if family in ("robust_accuracy", "attack_success_rate", "median_perturbation") and rest:
-        return f"{family}:{prefix}/{rest}"
-    return None
 
 
 def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -103,46 +87,6 @@ def _declared(check: dict[str, str], defense: Any, label: str) -> dict[str, str]
         return {"name": f"{label}: {check['name']}", "status": "warn",
                 "detail": check["detail"] + " (declared randomized defense: expected; the adaptive run averages gradients over EOT draws)"}
     return {**check, "name": f"{label}: {check['name']}"}
-
-
-def _white_box(attacks: Sequence[Any]) -> list[tuple[str, str, list, Any]]:
-    """(name, norm, epsilons, attack) of every white-box attack of the suite with a budget, in config
-    order; an ensemble contributes its white-box stages (`standard:apgd-ce`, ...) one by one."""
-    from harness.attacks.base import access_of
-
-    from harness.config import AttackConfig
-
-    out = []
-    for cfg in attacks:
-        if isinstance(cfg, AttackConfig) and not cfg.minimal and cfg.epsilons and cfg.backend == "native":
-            attack = cfg.build()
-            stages = attack.stages(cfg.norm) if hasattr(attack, "stages") else [(None, attack)]
-            out += [(cfg.attack_id if name is None else f"{cfg.attack_id}:{name}", cfg.norm, list(cfg.epsilons), stage)
-                    for name, stage in stages if access_of(stage) == "white-box"]
-    return out
-
-
-def _detector_groups(attacks: Sequence[Any]) -> dict[tuple[str, float], str]:
-    """(norm, epsilon value) -> its label as first written, over the suite's white-box attacks."""
-    groups: dict[tuple[str, float], str] = {}
-    for _, norm, eps_list, _ in _white_box(attacks):
-        for eps in eps_list:
-            groups.setdefault((norm, eps.value), eps.label)
-    return groups
-
-
-def detector_metric_ids(defense_id: str, attacks: Sequence[Any]) -> list[str]:
-    """What a detector entry produces at each (norm, epsilon) of the suite's white-box attacks: against
-    the per-sample worst case of those attacks (`worst-<norm>`), and against the attack that knows the
-    detector (`adaptive-<norm>`, the one gates should use; the norm keeps an L2 and an L-inf epsilon
-    written alike apart)."""
-    from harness.verdicts.metrics import metric_id
-
-    out = []
-    for (norm, _), label in _detector_groups(attacks).items():
-        out += [metric_id(f, f"{defense_id}/worst-{norm}", label) for f in ("detection_rate", "auroc")]
-        out += [metric_id(f, f"{defense_id}/adaptive-{norm}", label) for f in ("detection_rate", "auroc", "evasion_rate")]
-    return out
 
 
 def adversarial_examples(model, attack, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float, seed: int,
@@ -203,7 +147,6 @@ def _judged(detector, model, x_calib, x_clean, adv, broken, fpr: float, row: dic
 
 
 def _row_metrics(defense_id: str, row: dict[str, Any], evasion: bool) -> tuple[dict[str, float], dict[str, dict]]:
-    from harness.verdicts.metrics import metric_id, wilson_interval
 
     subject = f"{defense_id}/{row['attack']}"
     rate, auc = metric_id("detection_rate", subject, row["epsilon"]), metric_id("auroc", subject, row["epsilon"])
@@ -228,29 +171,30 @@ def _detector_records(entry, detector, model, data, correct: torch.Tensor, attac
     judged: their clean inputs for the false-positive rate, their adversarial examples for detection."""
     from harness.defenses.detectors import DetectorAware, MahalanobisDetector
 
-    from harness.verdicts.metrics import wilson_interval
     from harness.engines.stage import device_of
 
     idx = torch.nonzero(correct).flatten()
     fit, calib, judged = idx[0::3], idx[1::3], idx[2::3]
     if judged.numel() < 4:
         raise BadInput(f"defenses[{entry.defense_id}]", f"a detector needs at least 12 correctly classified points, got {idx.numel()}")
-    candidates = _white_box(attacks)
+    candidates = white_box_attacks(attacks)
     if not candidates:
         raise BadInput(f"defenses[{entry.defense_id}]", "a detector is evaluated against the suite's white-box attacks "
                        "(fgsm, pgd, apgd-*, standard): the suite has none")
     dev = device_of(model)
-    detector = detector.fit(model, data.x[fit].to(dev), data.y[fit].to(dev))
+    x_fit, y_fit = data.read(fit).to(dev), data.y[fit].to(dev)
+    detector = detector.fit(model, x_fit, y_fit)
     guide, surrogate = detector, None
     if not callable(getattr(detector, "differentiable_score", None)):
-        guide, surrogate = MahalanobisDetector().fit(model, data.x[fit].to(dev), data.y[fit].to(dev)), "mahalanobis"
+        guide, surrogate = MahalanobisDetector().fit(model, x_fit, y_fit), "mahalanobis"
+    del x_fit, y_fit
+    x_cal, x_j, y_j = data.read(calib), data.read(judged), data.y[judged]
     with torch.no_grad():
-        scale = float(guide.score(model, data.x[calib].to(dev)).median().clamp_min(1e-6))
+        scale = float(guide.score(model, x_cal.to(dev)).median().clamp_min(1e-6))
     steps = max([s for *_, a in candidates for s in [getattr(a, "steps", None)] if isinstance(s, int)] + [20])
     aware = DetectorAware(guide.differentiable_score, scale=scale, steps=steps)
-    x_cal, x_j, y_j = data.x[calib], data.x[judged], data.y[judged]
     rows, metrics, intervals = [], {}, {}
-    for (norm, value), label in _detector_groups(attacks).items():
+    for (norm, value), label in detector_groups(attacks).items():
         adv, broken, used, outside = _worst_case(model, candidates, x_j, y_j, norm, value, seed, batch_size)
         rows.append(_judged(detector, model, x_cal, x_j, adv, broken, entry.fpr,
                             {"attack": f"worst-{norm}", "norm": norm, "epsilon": label, "broken_by": used, "budget_violations": outside}))

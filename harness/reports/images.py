@@ -12,7 +12,7 @@ import struct
 import zlib
 from typing import Any, Optional
 
-__all__ = ["png_bytes", "png_base64", "example_records", "class_records"]
+__all__ = ["png_bytes", "png_base64", "pixels_png_base64", "encode_probe_images", "example_records", "class_records"]
 
 EXAMPLES_PER_NORM = 4
 
@@ -57,7 +57,10 @@ def _images(x, adv) -> dict[str, Any]:
 
 def example_records(ev, data, limit: int = EXAMPLES_PER_NORM) -> list[dict[str, Any]]:
     """Per norm, up to `limit` adversarial examples at the smallest epsilon that has them, preferring
-    distinct true classes; each with its original, amplified perturbation and adversarial image."""
+    distinct true classes; each with its original, amplified perturbation and adversarial image. Reads
+    only the shown samples of `data` (a harness.sources.data.Data)."""
+    import torch
+
     out: list[dict[str, Any]] = []
     by_norm: dict[str, list] = {}
     for r in ev.results:
@@ -76,9 +79,9 @@ def example_records(ev, data, limit: int = EXAMPLES_PER_NORM) -> list[dict[str, 
                 labels.add(int(data.y[sample]))
                 first.append(sample)
         order = first + [s for s, _ in ordered if s not in set(first)]
-        for sample in order[:limit]:
+        shown = order[:limit]
+        for sample, x in zip(shown, data.read(torch.tensor(shown, dtype=torch.long))):  # only the rows shown
             r, adv, pred = chosen[sample]
-            x = data.x[sample]
             out.append({"attack": r.subject, "norm": norm, "epsilon": r.label, "sample": int(data.ids[sample]),
                         "label": int(data.y[sample]), "prediction": pred, "distance": float(r.distance[sample]),
                         **_images(x, adv.to(x.dtype))})
@@ -98,3 +101,34 @@ def class_records(ev, y, num_classes: Optional[int] = None) -> dict[str, Any]:
 
     return {"ids": list(range(classes)), "n": [int(c) for c in n], "clean_accuracy": rate(ev.correct),
             "robust_accuracy": {key: rate(robust) for key, robust in ev.worst_case().items()}}
+
+
+def pixels_png_base64(pixels: Any) -> str:
+    """Raw (C, H, W) pixels in [0, 1] (nested lists, as records carry them) as base64 PNG; the same
+    bytes png_base64 gives for the float32 tensor they came from."""
+    import numpy as np
+
+    a = np.clip(np.asarray(pixels, dtype=np.float32), 0, 1)
+    a = a[0] if a.shape[0] != 3 else np.transpose(a, (1, 2, 0))
+    return base64.b64encode(png_bytes(np.round(a * 255))).decode("ascii")
+
+
+def encode_probe_images(records: Any) -> Any:
+    """The `probes` records with each picture evaluation left as raw pixels (`trigger_pixels`,
+    `mask_pixels`, `pattern_pixels`, on a record or one of its `scans`) turned into a base64 PNG under
+    the key without `_pixels`. Returns new records; ones already encoded pass through unchanged."""
+    def encode(rec: Any) -> Any:
+        if not isinstance(rec, dict):
+            return rec
+        out = {}
+        for k, v in rec.items():
+            if isinstance(k, str) and k.endswith("_pixels") and isinstance(v, list):
+                out[k.removesuffix("_pixels")] = pixels_png_base64(v)
+            elif k == "scans" and isinstance(v, list):
+                out[k] = [encode(s) for s in v]
+            else:
+                out[k] = v
+        return out
+
+    return [encode(r) for r in records] if isinstance(records, list) else records
+

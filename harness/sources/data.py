@@ -1,56 +1,37 @@
-"""Datasets as the harness sees them: (x, y) tensors in [0, 1], with stable sample ids.
+"""Datasets as the harness sees them: sample sources (harness.sources.samples) of images in [0, 1],
+labels and stable sample ids, read a batch of rows at a time.
 
-Sources: ``builtin:digits``, ``npz:PATH``, ``torchvision:NAME:ROOT`` (never downloads; NAME from an
-allow-list of loaders that unpickle no unchecked file) and ``imagefolder:PATH``. Everything is
-checked where it enters: shape, range, NaN, labels.
+Sources: ``builtin:digits`` and ``npz:PATH`` (in memory), ``npy:DIR`` (DIR/x.npy memory-mapped and
+DIR/y.npy), ``torchvision:NAME:ROOT`` (never downloads; NAME from an allow-list of loaders that unpickle
+no unchecked file) and ``imagefolder:PATH`` (both decoded per batch). Everything is checked where it
+enters, a chunk at a time for the lazy kinds: shape, range, NaN, labels.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import numbers
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from harness.core.errors import BadInput
 from harness.core.registry import Registry
+from harness.sources.samples import (NOT_NUMBERS, Data, DatasetReader, LazyData, NpyReader, Reader, TensorData, as_unit_float,
+                                     check_labels, check_nonnegative, check_pixels)
 
-__all__ = ["Data", "DATASETS", "TORCHVISION_DATASETS", "load_data", "digits_split", "data_from_tensors", "dataset_listing"]
+__all__ = ["Data", "TensorData", "LazyData", "DATASETS", "TORCHVISION_DATASETS", "load_data", "digits_split", "data_from_tensors", "dataset_listing"]
 
 DATASETS: Registry = Registry("dataset")
 DIGITS_SPLIT_SEED = 0  # the digits train/test split never moves, so a cached model never sees its test set
 DIGITS_TEST_FRACTION = 0.25
 
 
-@dataclass(frozen=True, eq=False)
-class Data:
-    x: torch.Tensor  # (n, C, H, W) float32 in [0, 1]
-    y: torch.Tensor  # (n,) int64
-    ids: torch.Tensor  # (n,) int64, the sample's index in its full split
-    source: str
-    split: str
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def sha256(self) -> str:
-        """Hash of the data as loaded (after subsetting), so a result names exactly what it measured."""
-        h = hashlib.sha256()
-        for t in (self.x.contiguous(), self.y.contiguous(), self.ids.contiguous()):
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()
-
-
-# numpy kinds that are not pixel values or class labels (torch holds none of them but complex)
-_NOT_NUMBERS = {"U": "strings", "S": "bytes", "O": "Python objects", "M": "dates", "m": "time spans", "V": "raw records",
-                "c": "complex numbers"}
+# A loader gives in-memory (x, y) arrays, or a Reader of the split by position (read lazily)
+Loaded = Union[tuple[torch.Tensor, torch.Tensor], Reader]
 
 
 def _tensor(a: np.ndarray | torch.Tensor, refusal: str, where: str) -> torch.Tensor:
@@ -59,8 +40,8 @@ def _tensor(a: np.ndarray | torch.Tensor, refusal: str, where: str) -> torch.Ten
             raise BadInput(where, f"{refusal}, got complex numbers")
         return a
     a = np.asarray(a)
-    if a.dtype.kind in _NOT_NUMBERS:
-        raise BadInput(where, f"{refusal}, got {_NOT_NUMBERS[a.dtype.kind]} ({a.dtype})")
+    if a.dtype.kind in NOT_NUMBERS:
+        raise BadInput(where, f"{refusal}, got {NOT_NUMBERS[a.dtype.kind]} ({a.dtype})")
     return torch.as_tensor(a)
 
 
@@ -70,33 +51,12 @@ def _checked(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, where: 
     y = _tensor(y, "y must hold integer class labels", where)
     if x.dim() != 4:
         raise BadInput(where, f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
-    if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise BadInput(where, f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
-    if x.shape[0] == 0:
-        raise BadInput(where, "the dataset is empty (0 samples)")
-    if y.dtype.is_floating_point:
-        bad = (y != y.round()).nonzero()  # NaN too: it equals nothing
-        if bad.numel():
-            i = int(bad[0])
-            raise BadInput(where, f"y must hold integer class labels, found {float(y[i]):g} at sample {i}")
-    elif y.dtype == torch.bool:
-        raise BadInput(where, "y must hold integer class labels, got booleans")
-    y = y.long()
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    elif x.dtype.is_floating_point:
-        x = x.float()
-        finite = torch.isfinite(x).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten()
-            raise BadInput(where, f"x contains NaN or infinite values in {bad.numel()} sample(s), the first at index {int(bad[0])}")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0.0 or hi > 1.0:
-            raise BadInput(where, f"float x must lie in [0, 1], found values in [{lo:.4g}, {hi:.4g}] (store uint8 0-255 or scale it)")
-    else:
-        raise BadInput(where, f"x must be float in [0, 1] or uint8 0-255, got {str(x.dtype).removeprefix('torch.')}")
-    if int(y.min()) < 0:
-        raise BadInput(where, f"labels must be non-negative, found {int(y.min())}")
+    y = check_labels(y, int(x.shape[0]), where)
+    floating = x.dtype.is_floating_point
+    x = as_unit_float(x, where)
+    if floating:  # uint8 is in range by its type
+        check_pixels(iter([x]), where)
+    check_nonnegative(y, where)
     return x.contiguous(), y.contiguous()
 
 
@@ -150,25 +110,6 @@ def _npz(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, to
     return _checked(x, y, str(path))
 
 
-def _to_tensors(dataset, where: str, image_size) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    files = getattr(dataset, "samples", None)  # (path, class) pairs of an image folder
-    for i in range(len(dataset)):
-        try:
-            img, label = dataset[i]
-        except Exception as e:
-            name = files[i][0] if files else f"{where} (sample {i})"
-            raise BadInput(str(name), f"cannot read image ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-        xs.append(img)
-        ys.append(int(label))
-    if not xs:
-        raise BadInput(where, "the dataset is empty (0 samples)")
-    shapes = {tuple(t.shape) for t in xs}
-    if len(shapes) > 1:
-        raise BadInput(where, f"images differ in size ({len(shapes)} shapes); set data.image_size to resize them")
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
-
-
 def _image_transform(image_size):
     from torchvision import transforms
 
@@ -213,8 +154,20 @@ def torchvision_version() -> str:
     return str(torchvision.__version__)
 
 
+@DATASETS.register("npy")
+def _npy(arg: str, split: str, base: Path, image_size) -> Reader:
+    path = _resolve(arg, base)
+    if (path / split).is_dir():  # root/test/x.npy, or root/x.npy
+        path = path / split
+    if path.is_file():
+        raise BadInput(str(path), "is a file: npy:DIR names a directory holding x.npy and y.npy")
+    if not path.is_dir():
+        raise BadInput(str(path), "npy data directory not found")
+    return NpyReader(path)
+
+
 @DATASETS.register("torchvision")
-def _torchvision(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+def _torchvision(arg: str, split: str, base: Path, image_size) -> Reader:
     import torchvision.datasets as tvd
 
     name, _, root = arg.partition(":")
@@ -241,11 +194,11 @@ def _torchvision(arg: str, split: str, base: Path, image_size) -> tuple[torch.Te
         dataset = cls(**kwargs)
     except Exception as e:
         raise BadInput(str(path), f"cannot load torchvision {name} from this root without downloading ({type(e).__name__}: {e})") from None
-    return _to_tensors(dataset, str(path), image_size)
+    return DatasetReader(dataset, str(path))
 
 
 @DATASETS.register("imagefolder")
-def _imagefolder(arg: str, split: str, base: Path, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+def _imagefolder(arg: str, split: str, base: Path, image_size) -> Reader:
     from torchvision.datasets import ImageFolder
 
     path = _resolve(arg, base)
@@ -258,8 +211,7 @@ def _imagefolder(arg: str, split: str, base: Path, image_size) -> tuple[torch.Te
         dataset = ImageFolder(str(path), transform=transform)
     except Exception as e:
         raise BadInput(str(path), f"not a usable image folder ({type(e).__name__}: {e})") from None
-    x, y = _to_tensors(dataset, str(path), image_size)
-    return _checked(x, y, str(path))
+    return DatasetReader(dataset, str(path))
 
 
 def _scheme(source: str) -> tuple[str, str]:
@@ -272,7 +224,8 @@ def _scheme(source: str) -> tuple[str, str]:
 
 
 def dataset_choices() -> list[str]:
-    return [n if n.startswith("builtin:") else f"{n}:PATH" if n != "torchvision" else "torchvision:NAME:ROOT" for n in DATASETS.names()]
+    args = {"torchvision": "NAME:ROOT", "npy": "DIR"}
+    return [n if n.startswith("builtin:") else f"{n}:{args.get(n, 'PATH')}" for n in DATASETS.names()]
 
 
 def dataset_listing() -> list[str]:
@@ -303,14 +256,16 @@ def subset(n: int, limit: Optional[int], seed: int) -> torch.Tensor:
 def load_data(source: str, split: str = "test", limit: Optional[int] = None, seed: int = 0,
               base: Path = Path("."), image_size=None) -> Data:
     scheme, arg = _scheme(source)
-    x, y = DATASETS.get(scheme)(arg, split, base, image_size)
-    x, y = _checked(x, y, source)
+    loaded: Loaded = DATASETS.get(scheme)(arg, split, base, image_size)
+    if not isinstance(loaded, tuple):  # a Reader: validated as it opened, read when a stage needs its samples
+        return LazyData(loaded, subset(len(loaded.y), limit, seed), source, split)
+    x, y = _checked(*loaded, source)
     idx = subset(len(y), limit, seed)
-    return Data(x=x[idx].contiguous(), y=y[idx].contiguous(), ids=idx, source=source, split=split)
+    return TensorData(x=x[idx].contiguous(), y=y[idx].contiguous(), ids=idx, source=source, split=split)
 
 
 def data_from_tensors(x: torch.Tensor, y: torch.Tensor, limit: Optional[int] = None, seed: int = 0) -> Data:
     """Data handed in by Python code (harness.run(data=(x, y)))."""
     x, y = _checked(x, y, "data")
     idx = subset(len(y), limit, seed)
-    return Data(x=x[idx].contiguous(), y=y[idx].contiguous(), ids=idx, source="python:tensors", split="given")
+    return TensorData(x=x[idx].contiguous(), y=y[idx].contiguous(), ids=idx, source="python:tensors", split="given")

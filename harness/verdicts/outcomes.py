@@ -76,14 +76,16 @@ class Outcomes:
         return f"<Outcomes {self.n} sample(s), {len(self.flags)} metric(s)>"
 
     @classmethod
-    def from_evaluation(cls, ev: Any, ids: Any, labels: Any = None, x: Any = None) -> "Outcomes":
-        """From a runner Evaluation and the data's ids (harness.sources.data.Data.ids): clean accuracy,
-        robust accuracy per attack entry and epsilon (or corruption and severity), and the worst case.
-        With the data's images `x` (and `labels`), each sample's digest too (see sample_digests)."""
+    def from_evaluation(cls, ev: Any, data: Any) -> "Outcomes":
+        """From a runner Evaluation and the sample source it scored (harness.sources.data.Data): clean
+        accuracy, robust accuracy per attack entry and epsilon (or corruption and severity), and the worst
+        case, keyed by the data's ids, with its labels and each sample's digest (see sample_digests),
+        read a batch at a time."""
         flags = {k: _bools(v) for k, v in ev.flags().items()}
-        plain = lambda t: None if t is None else np.asarray(t.detach().cpu().numpy() if hasattr(t, "cpu") else t)
-        digests = None if x is None or labels is None else sample_digests(plain(x), plain(labels))
-        return cls(plain(ids), flags, plain(labels), digests)
+        labels = np.asarray(data.y.detach().cpu().numpy())
+        parts = [sample_digests(x.numpy(), labels[rows.numpy()]) for rows, x in data.batches()]
+        digests = np.concatenate(parts) if parts else np.empty((0, DIGEST_BYTES), dtype=np.uint8)
+        return cls(np.asarray(data.ids.detach().cpu().numpy()), flags, labels, digests)
 
     def to_json(self) -> str:
         flags = {m: pack_bits(f) for m, f in self.flags.items()}
