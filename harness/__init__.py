@@ -17,14 +17,14 @@ __all__ = ["run", "gate", "compare", "harden", "Scorecard", "BadInput", "RunFail
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.api import run
-    from harness.defenses.hardening import harden
+    from harness.pipeline.harden import harden
 
     from harness.reports.comparison import compare
     from harness.core.errors import BadInput, RunFailed
-    from harness.records.scorecard import Scorecard
+    from harness.reports.scorecard import Scorecard
 
-_LAZY = {"run": "harness.api", "compare": "harness.reports.comparison", "harden": "harness.defenses.hardening",
-         "Scorecard": "harness.records.scorecard", "BadInput": "harness.core.errors", "RunFailed": "harness.core.errors"}
+_LAZY = {"run": "harness.api", "compare": "harness.reports.comparison", "harden": "harness.pipeline.harden",
+         "Scorecard": "harness.reports.scorecard", "BadInput": "harness.core.errors", "RunFailed": "harness.core.errors"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
 def gate(scorecard: Any, config: Any = None, baseline: Any = None):
     """Judges a saved scorecard again (its own gates, or a config's) without re-running it."""
     from harness.api import resolve_config
-    from harness.records.scorecard import Scorecard
+    from harness.reports.scorecard import Scorecard
 
     card = scorecard if isinstance(scorecard, Scorecard) else Scorecard.load(scorecard)
     base = baseline if isinstance(baseline, Scorecard) or baseline is None else Scorecard.load(baseline)

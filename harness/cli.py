@@ -292,7 +292,7 @@ def harden(config: Path, defense: str, out: Path, epochs: Optional[int], device:
     load_config(config)  # a bad config fails here, before torch loads
     if device is not None:
         parse_devices(device)
-    from harness.defenses.hardening import harden as harden_model
+    from harness.pipeline.harden import harden as harden_model
 
     from harness.core.files import exclusive
 
@@ -322,6 +322,15 @@ def list_(kind: Optional[str]) -> None:
         click.echo(f"{k}:")
         for line in _listing(k):
             click.echo(f"  {line}")
+
+
+def _default(value: object) -> str:
+    """A knob's default as a config would write it: an epsilon held as a float k/255 shows as 'k/255'."""
+    if isinstance(value, float) and 0 < value < 1:
+        k = round(value * 255)
+        if k and abs(value - k / 255) < 1e-12 and abs(value - round(value, 4)) > 1e-12:
+            return repr(f"{k}/255")
+    return repr(value)
 
 
 def _listing(kind: str) -> list[str]:
@@ -356,7 +365,7 @@ def _listing(kind: str) -> list[str]:
         lines, width = [], max((len(n) for n in registry.names()), default=0)
         for name, obj in registry.items():
             fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ()
-            knobs = ", ".join(f"{f.name}={f.default!r}" for f in fields if f.default is not dataclasses.MISSING)
+            knobs = ", ".join(f"{f.name}={_default(f.default)}" for f in fields if f.default is not dataclasses.MISSING)
             first = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())  # the docstring's first sentence
             summary = re.split(r"(?<=\.)\s+(?=[A-Z])", first)[0]
             lines.append(f"{name:<{width}}  {getattr(obj, 'kind', 'probe' if kind == 'probes' else ''):<13} {knobs}    {summary}")

@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from harness.defenses.hardening import harden
+from harness.pipeline.harden import harden
 from harness.defenses.training import PGDAT, build_defense, learning_rate, training_defenses
-from harness.config import TrainConfig
+from harness.config import TrainConfig, defense_knobs
 from harness.core.errors import BadInput, RunFailed
 from harness.core.files import sha256_file
 
@@ -204,7 +204,7 @@ def test_learning_rate_schedules():
 
 
 def test_defense_knobs_are_validated():
-    assert build_defense("pgd-at", {"epsilon": "8/255"}).threat.epsilon == pytest.approx(8 / 255)
+    assert build_defense("pgd-at", defense_knobs({"epsilon": "8/255"})).threat.epsilon == pytest.approx(8 / 255)
     assert PGDAT(epsilon=0.3, steps=40).threat.norm == "linf"
     for knobs, match in [({"epsilon": 0}, "positive"), ({"norm": "l1"}, "norm"), ({"steps": 0}, "steps"), ({"bta": 1}, "unknown parameter 'bta'")]:
         with pytest.raises(ValueError, match=match):

@@ -4,7 +4,8 @@
 minimal attack, a corruption at one severity) with its per-sample masks, written atomically after
 each unit. It is tied to a fingerprint of the config (less `device`: metrics do not depend on
 it), the model's and the data's hashes and the harness version; a state with another fingerprint
-is set aside rather than mixed into a different run.
+is set aside rather than mixed into a different run. `SavedWork` is one run's view of it: where
+it saves, what it restored, what it has finished.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import base64
 import hashlib
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from harness.core.files import write_text_atomic
 
-__all__ = ["STATE_FILE", "fingerprint", "save_state", "load_state"]
+__all__ = ["STATE_FILE", "PARTIAL_FILE", "SavedWork", "fingerprint", "save_state", "load_state"]
 
 STATE_FILE = "run-state.json"
+PARTIAL_FILE = "scorecard.partial.json"
 _SCHEMA = 1
 _MASKS = ("robust", "attacked", "broken")
 _SCALARS = ("seconds", "violations", "nonfinite", "queries", "gradients", "target_hits", "cascade", "minimal")
@@ -122,3 +125,45 @@ def load_state(path: Path, print_: str, n: int, attacks: Sequence[Any]) -> tuple
         return {}, {}, f"the saved work in {path} cannot be read ({type(e).__name__}: {e}): the run starts over"
     units = sum(len(v) for v in done.values()) + len(probes)
     return done, probes, f"resuming from {path.parent}: {units} finished result(s) reused"
+
+
+@dataclass
+class SavedWork:
+    """One run's saved work: run-state.json and scorecard.partial.json in `out` (nothing without one),
+    the units a resumed run restored (`done`), and the probe units finished so far (`probes`)."""
+
+    out: Optional[Path]
+    fingerprint: str
+    n: int  # samples in the run
+    done: dict[str, list[Any]] = field(default_factory=dict)  # attack unit -> its restored AttackResults
+    probes: dict[str, dict] = field(default_factory=dict)  # probe unit -> its record, restored or new
+
+    @property
+    def state(self) -> Optional[Path]:
+        return None if self.out is None else self.out / STATE_FILE
+
+    @property
+    def partial(self) -> Optional[Path]:
+        return None if self.out is None else self.out / PARTIAL_FILE
+
+    def restore(self, attacks: Sequence[Any]) -> str:
+        """Takes in what a run into the same `out` finished, when it matches this run; says what it found."""
+        if self.state is None:
+            return "resume needs an output directory (out=) holding a saved run: starting from the beginning"
+        self.done, self.probes, note = load_state(self.state, self.fingerprint, self.n, attacks)
+        return note
+
+    def save(self, results: Sequence[Any], record: dict[str, Any]) -> None:
+        """The finished attack units (`results`) and probe units, and `record` as a partial scorecard."""
+        from harness.reports.scorecard import Scorecard
+
+        if self.state is None or self.partial is None:
+            return
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        save_state(self.state, self.fingerprint, self.n, results, self.probes)
+        write_text_atomic(self.partial, Scorecard({**record, "passed": False, "verdict": "inconclusive"}).to_json())
+
+    def finish(self) -> None:
+        """The run is whole: scorecard.json says everything the state did."""
+        if self.state is not None and self.state.exists():
+            self.state.unlink()

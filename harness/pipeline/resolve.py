@@ -1,0 +1,42 @@
+"""Stage 1, resolve: the validated config (with the caller's seed and device), its base directory and
+label, the baseline scorecard, and the clock the run's duration starts from."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+from harness.config import Config, load_config, parse_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.pipeline.context import RunContext
+
+__all__ = ["ConfigLike", "resolve_config", "resolve"]
+
+ConfigLike = Union[None, str, Path, dict, Config]
+
+
+def resolve_config(config: ConfigLike) -> tuple[Config, Path, str]:
+    """A validated Config, the directory its relative paths start from, and its label for messages."""
+    if isinstance(config, Config):
+        return config, Path.cwd(), "config"
+    if isinstance(config, dict):
+        return parse_config(config, "config"), Path.cwd(), "config"
+    cfg, base, _ = load_config(config)
+    return cfg, base, "default" if config is None else str(config)
+
+
+def resolve(ctx: RunContext) -> RunContext:
+    from harness.reports.scorecard import Scorecard
+
+    req = ctx.request
+    cfg, ctx.base, ctx.label = resolve_config(req.config)
+    if req.seed is not None or req.device is not None:  # validated again: an override is config too
+        cfg = parse_config({**cfg.model_dump(mode="json"), **({"seed": req.seed} if req.seed is not None else {}),
+                            **({"device": req.device} if req.device is not None else {})}, ctx.label)
+    ctx.cfg = cfg
+    ctx.baseline = req.baseline if isinstance(req.baseline, Scorecard) or req.baseline is None else Scorecard.load(req.baseline)
+    ctx.started, ctx.t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    return ctx
