@@ -27,82 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.registry import Registry
+from harness.training.loop import TrainSettings, make_scaler
 
 from .threat import ThreatModel
+from .triggers import POSITIONS, Position, _pattern, patch, trigger_image
 
 __all__ = ["PROBES", "ProbeResult", "BadNets", "CleanLabel", "LabelFlip", "patch", "trigger_image", "fit", "accuracy",
            "attack_success_rate", "POSITIONS"]
 
 PROBES: Registry[type] = Registry("probe")
 
-POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
-Position = Union[str, tuple[int, int]]
 Pair = tuple[torch.Tensor, torch.Tensor]
-
-
-# --- triggers ---------------------------------------------------------------------------------
-
-def _pattern(pattern: str, channels: int, size: int) -> torch.Tensor:
-    """The (C, size, size) pixels of a trigger: all ones, a checkerboard with a lit top-left corner,
-    or a binary pattern drawn from `random:<seed>`."""
-    if pattern == "white":
-        return torch.ones(channels, size, size)
-    if pattern == "checker":
-        i = torch.arange(size)
-        return ((i[:, None] + i[None, :]) % 2 == 0).float().expand(channels, size, size).clone()
-    if pattern.startswith("random:"):
-        try:
-            seed = int(pattern.removeprefix("random:"))
-        except ValueError:
-            raise ValueError(f"pattern {pattern!r}: write random:<integer seed>") from None
-        return torch.randint(0, 2, (channels, size, size), generator=torch.Generator().manual_seed(seed)).float()
-    raise ValueError(f"unknown trigger pattern {pattern!r} (valid: checker, white, random:<seed>)")
-
-
-def _origin(position: Position, height: int, width: int, size: int) -> tuple[int, int]:
-    if size > height or size > width:
-        raise ValueError(f"a {size}x{size} trigger does not fit in {height}x{width} images")
-    if isinstance(position, str):
-        corners = {"top-left": (0, 0), "top-right": (0, width - size), "bottom-left": (height - size, 0),
-                   "bottom-right": (height - size, width - size), "center": ((height - size) // 2, (width - size) // 2)}
-        if position not in corners:
-            raise ValueError(f"unknown trigger position {position!r} (valid: {', '.join(POSITIONS)} or [row, col])")
-        return corners[position]
-    row, col = (int(v) for v in position)
-    if not (0 <= row <= height - size and 0 <= col <= width - size):
-        raise ValueError(f"a {size}x{size} trigger at ({row}, {col}) leaves the {height}x{width} image")
-    return row, col
-
-
-def patch(x: torch.Tensor, size: int = 3, position: Position = "bottom-right", pattern: str = "checker",
-          amplitude: float = 1.0) -> torch.Tensor:
-    """Stamps a size x size trigger on (n, C, H, W) inputs in [0, 1]; returns a new tensor.
-
-    `position` is a corner, ``center`` or a (row, col) of the patch's top-left pixel; `pattern` is
-    ``checker``, ``white`` or ``random:<seed>``. With `amplitude` below 1 the patch is blended into
-    the image (Turner et al.'s less visible trigger). BadNets (Gu et al. 2017) stamps a small
-    pattern in a corner::
-
-        x_triggered = patch(x, size=3, position="bottom-right", pattern="checker")
-    """
-    assert x.dim() == 4, f"expected (n, C, H, W) inputs, got {tuple(x.shape)}"
-    if size < 1:
-        raise ValueError(f"trigger size must be at least 1, got {size}")
-    if not 0 < amplitude <= 1:
-        raise ValueError(f"trigger amplitude must be in (0, 1], got {amplitude}")
-    r, c = _origin(position, x.shape[2], x.shape[3], size)
-    pixels = _pattern(pattern, x.shape[1], size).to(device=x.device, dtype=x.dtype)
-    out = x.clone()
-    region = out[:, :, r:r + size, c:c + size]
-    out[:, :, r:r + size, c:c + size] = (1 - amplitude) * region + amplitude * pixels
-    return out
-
-
-def trigger_image(shape: tuple[int, int, int] = (1, 8, 8), size: int = 3, position: Position = "bottom-right",
-                  pattern: str = "checker", background: float = 0.5) -> torch.Tensor:
-    """The trigger as it sits in a (C, H, W) image of flat `background` (grey shows both the lit
-    and the dark cells), for the report."""
-    return patch(torch.full((1, *shape), float(background)), size, position, pattern)[0]
 
 
 # --- training and measuring -------------------------------------------------------------------
@@ -122,10 +57,6 @@ def _reinitialize(net: nn.Module, seed: int) -> None:
         m.reset_parameters()
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % 2**63
-
-
 @contextlib.contextmanager
 def _deterministic_cudnn(on: bool) -> Iterator[None]:
     """cuDNN's deterministic kernels while a probe trains, so a seed repeats on CUDA too; restored after."""
@@ -140,40 +71,28 @@ def _deterministic_cudnn(on: bool) -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Any, device: Union[str, torch.device], seed: int,
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: TrainSettings, device: Union[str, torch.device], seed: int,
         epochs: Optional[int] = None) -> nn.Module:
-    """Plain cross-entropy training of `model` on (x, y) with the plan's optimizer, schedule, batch
-    size and epochs (`epochs` overrides); returns it on `device`, in eval mode, parameters frozen.
+    """Plain cross-entropy training of `model` on (x, y) with the settings' optimizer, schedule, batch
+    size and epochs (`epochs` overrides how many run; the schedule still spans the settings' epochs);
+    returns it on `device`, in eval mode, parameters frozen.
 
-    `plan` is a harness.config.TrainConfig. The batch order of each epoch comes from (seed, epoch).
+    `plan` is a harness.training.TrainSettings (harness.config.TrainConfig.settings() makes one). The
+    loop is harness.training.train_epochs: the batch order of each epoch comes from (seed, epoch).
     """
-    from harness.defenses.training import learning_rate, make_optimizer, optimizer_step
+    from harness.training.loop import train_epochs
 
     device = torch.device(device)
     net = _net(model)
     model.to(device)
     for p in net.parameters():
         p.requires_grad_(p.is_floating_point())
-    optimizer = make_optimizer(plan, net)
-    epochs = plan.epochs if epochs is None else epochs
-    batch = plan.data.batch_size or plan.batch_size
-    n_batches = math.ceil(len(y) / batch)
-    amp = bool(plan.amp) and device.type == "cuda"
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
+
+    def step(xb: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(model(xb).float(), yb)
+
     with _deterministic_cudnn(device.type == "cuda"):
-        for epoch in range(epochs):
-            torch.manual_seed(_epoch_seed(seed, epoch))  # dropout and other global draws
-            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
-            net.train(True)
-            for i, idx in enumerate(order.split(batch)):
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(plan, epoch, i / n_batches)
-                with torch.autocast(device.type, dtype=dtype, enabled=amp):
-                    loss = F.cross_entropy(model(x[idx].to(device)).float(), y[idx].to(device))
-                if not bool(torch.isfinite(loss)):
-                    raise FloatingPointError(f"the training loss became {float(loss)} in epoch {epoch + 1} (lower train.optimizer.lr)")
-                optimizer_step(optimizer, loss, scaler)
+        train_epochs(net, x, y, plan, device, step, seed=seed, scaler=make_scaler(plan, device), until=epochs)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -394,10 +313,10 @@ class CleanLabel(_Backdoor):
     The model trained on them can only fit those samples by leaning on the trigger, which the
     test samples get at full strength. The reference's clean accuracy is the baseline. Example::
 
-        CleanLabel(target=0, epsilon="16/255").run(make_model, train, test, 0.1, plan, "cpu", seed=0)
+        CleanLabel(target=0, epsilon=16 / 255).run(make_model, train, test, 0.1, plan, "cpu", seed=0)
     """
 
-    epsilon: Union[float, str] = "16/255"
+    epsilon: float = 16 / 255  # a float: harness.config translates "16/255" from a config
     steps: int = 10
     rel_stepsize: float = 0.25
     amplitude: float = 1.0
@@ -406,9 +325,8 @@ class CleanLabel(_Backdoor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from harness.config import parse_epsilon
-
-        parse_epsilon(self.epsilon)
+        if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)) or not 0 <= self.epsilon < float("inf"):
+            raise ValueError(f"epsilon must be a non-negative finite number, got {self.epsilon!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be non-negative, got {self.steps}")
         if self.rel_stepsize <= 0:
@@ -421,9 +339,7 @@ class CleanLabel(_Backdoor):
 
     def _hard(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 256) -> torch.Tensor:
         """Projected steepest ascent on the reference's cross-entropy, the last iterate (Turner et al.)."""
-        from harness.config import parse_epsilon
-
-        eps = parse_epsilon(self.epsilon).value
+        eps = float(self.epsilon)
         threat, step = ThreatModel("linf", eps), self.rel_stepsize * eps
         out = []
         for xb, yb in zip(x.split(batch), y.split(batch)):

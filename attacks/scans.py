@@ -36,8 +36,21 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Scan", "ANOMALY_THRESHOLD", "penultimate", "activation_clustering", "spectral_signatures", "scan_report",
+__all__ = ["SCANS", "check_probe_name", "Scan", "ANOMALY_THRESHOLD", "penultimate", "activation_clustering", "spectral_signatures", "scan_report",
            "write_flagged", "anomaly_index", "neural_cleanse"]
+
+# The scans a `probes:` entry can name on its own or under `scans:` (the poisoning probes are harness.attacks.poisoning.PROBES)
+SCANS = ("activation-clustering", "spectral-signatures", "neural-cleanse")
+
+
+def check_probe_name(name: str) -> None:
+    """BadInput unless `name` is a registered poisoning probe or a scan."""
+    from harness.core.errors import BadInput
+
+    from .poisoning import PROBES
+
+    if name not in PROBES and name not in SCANS:
+        raise BadInput("probes", f"unknown probe {name!r} (valid: {', '.join(PROBES.names() + list(SCANS))})")
 
 ANOMALY_THRESHOLD = 2.0  # Wang et al.: an index above 2 is an outlier with > 95% probability
 MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution times this is its standard deviation

@@ -230,7 +230,7 @@ def evaluate_detector(detector: Any, model: nn.Module, x_fit: Optional[torch.Ten
     n_nonfinite (scores that were not finite numbers, counted as most suspicious; threshold None if
     it is one).
     """
-    from harness.verdicts.metrics import auroc_interval, wilson_interval
+    from harness.core.stats import auroc_interval, wilson_interval
 
     if x_calib is None:
         x_calib, x_clean = x_clean[0::2], x_clean[1::2]

@@ -3,27 +3,28 @@
 A defense is a small frozen value holding its knobs (the house style of attacks/). It crafts the
 training examples (`perturb`) and scores them (`objective`); the epoch loop, the per-epoch PGD check
 on a slice of the training data held out of training, and the choice of the epoch to keep are shared
-(`train`). Training a configured model, with checkpoints, resume and the written files, is
-defenses.hardening.harden.
+(`train`, on the one loop harness.training.train_epochs). Training a configured model, with
+checkpoints, resume and the written files, is `harness harden` (the pipeline).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
 from harness.attacks import FGSM, PGD, ThreatModel
-from harness.config import TrainConfig, parse_epsilon
+from harness.training.loop import TrainSettings, optimizer_step, snapshot, train_epochs
+from harness.training.loop import learning_rate as _learning_rate
+from harness.training.loop import make_optimizer as _make_optimizer
 
 from .registry import DEFENSES
 
 __all__ = ["AdversarialTraining", "PGDAT", "TRADES", "FastAT", "Check", "build_defense", "training_defenses",
-           "pgd_check", "learning_rate", "make_optimizer", "optimizer_step", "train", "TrainState"]
+           "pgd_check", "learning_rate", "make_optimizer", "optimizer_step", "train", "TrainState", "TrainSettings"]
 
 # (model, epoch) -> (clean accuracy, robust accuracy) on the held-out slice; epoch 0 is the starting model
 Check = Callable[[torch.nn.Module, int], "tuple[float, float]"]
@@ -47,7 +48,7 @@ class AdversarialTraining:
     """The knobs every training defense shares: its threat model, the per-epoch PGD check, the epoch kept."""
 
     norm: str = "linf"
-    epsilon: Union[int, float, str] = "8/255"
+    epsilon: float = 8 / 255  # a float: harness.config.defense_knobs translates "8/255" from a config
     check_steps: int = 10
     check_rel_stepsize: Optional[float] = None  # of epsilon per step; None: 2.5 / check_steps
     keep_best: bool = False  # write the epoch with the best robust accuracy on the check, not the last
@@ -59,7 +60,7 @@ class AdversarialTraining:
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
             raise ValueError(f"norm must be one of {', '.join(self.norms)}, got {self.norm!r}")
-        if isinstance(self.epsilon, bool) or parse_epsilon(self.epsilon).value <= 0:
+        if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)) or not 0 < self.epsilon < float("inf"):
             raise ValueError(f"epsilon must be positive, got {self.epsilon!r}")
         if self.check_steps < 1:
             raise ValueError(f"check_steps must be at least 1, got {self.check_steps}")
@@ -70,7 +71,7 @@ class AdversarialTraining:
 
     @property
     def threat(self) -> ThreatModel:
-        return ThreatModel(self.norm, parse_epsilon(self.epsilon).value)
+        return ThreatModel(self.norm, float(self.epsilon))
 
     def check_attack(self) -> PGD:
         return PGD(steps=self.check_steps, rel_stepsize=self.check_rel_stepsize)
@@ -194,21 +195,6 @@ def build_defense(name: str, knobs: dict[str, Any]) -> AdversarialTraining:
     return validated(DEFENSES.get(name), dict(knobs), f"defense {name!r}")
 
 
-def learning_rate(plan: TrainConfig, epoch: int, fraction: float) -> float:
-    """The learning rate `fraction` of the way through epoch `epoch` (0-based): a function of the
-    position alone, so a resumed run needs no scheduler state."""
-    s, lr, epochs = plan.schedule, plan.optimizer.lr, plan.epochs
-    t = (epoch + fraction) / epochs
-    if s.name == "cosine":
-        return lr * 0.5 * (1 + math.cos(math.pi * t))
-    if s.name == "step":
-        milestones = s.milestones or [max(1, epochs // 2), max(1, 3 * epochs // 4)]
-        return lr * s.gamma ** sum(epoch >= m for m in milestones)
-    if s.name == "onecycle":  # linear up to lr at pct_start, then down to 0 (Wong et al.'s cyclic schedule)
-        return lr * (t / s.pct_start if t < s.pct_start else (1 - t) / (1 - s.pct_start))
-    return lr
-
-
 def pgd_check(defense: AdversarialTraining, x: torch.Tensor, y: torch.Tensor, seed: int, device: torch.device,
               batch_size: int = 256) -> Check:
     """Clean and PGD robust accuracy on (x, y), in eval mode and full precision, the same random
@@ -232,33 +218,25 @@ def pgd_check(defense: AdversarialTraining, x: torch.Tensor, y: torch.Tensor, se
     return check
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % 2**63
-
-
 def _set_trainable(net: torch.nn.Module, on: bool) -> None:
     for p in net.parameters():
         p.requires_grad_(on)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler: Any = None) -> None:
-    """One update from `loss`, through the gradient scaler when mixed precision uses one."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+def _settings(plan: Any) -> TrainSettings:
+    """A TrainSettings as given, or translated from a harness.config.TrainConfig (duck-typed: the config
+    layer sits above this one and is never imported here)."""
+    return plan if isinstance(plan, TrainSettings) else plan.settings()
 
 
-def make_optimizer(plan: TrainConfig, net: torch.nn.Module) -> torch.optim.Optimizer:
-    o = plan.optimizer
-    params = [p for p in net.parameters() if p.is_floating_point()]
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+def make_optimizer(plan: Any, net: torch.nn.Module) -> torch.optim.Optimizer:
+    """harness.training.make_optimizer for a TrainSettings or a TrainConfig."""
+    return _make_optimizer(_settings(plan), net)
+
+
+def learning_rate(plan: Any, epoch: int, fraction: float) -> float:
+    """harness.training.learning_rate for a TrainSettings or a TrainConfig."""
+    return _learning_rate(_settings(plan), epoch, fraction)
 
 
 @dataclass
@@ -273,73 +251,63 @@ class TrainState:
     stopped: Optional[str] = None
 
 
-def _snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
 
-
-def train(defense: AdversarialTraining, model, x: torch.Tensor, y: torch.Tensor, plan: TrainConfig, device: torch.device, *,
+def train(defense: AdversarialTraining, model, x: torch.Tensor, y: torch.Tensor, plan: Any, device: torch.device, *,
           check: Check, seed: int, state: Optional[TrainState] = None, optimizer: Optional[torch.optim.Optimizer] = None,
           scaler: Any = None, amp: bool = False, show_progress: Optional[bool] = None,
           on_epoch: Optional[Callable[[TrainState, torch.optim.Optimizer, Any], None]] = None) -> TrainState:
     """Trains `model` (a BoundedModel on `device`, so the defense sees [0, 1] inputs) with `defense`
-    for the plan's epochs from `state`; calls `on_epoch` after each (checkpoints hook in there).
+    for the settings' epochs from `state`; calls `on_epoch` after each (checkpoints hook in there).
 
-    Each epoch draws its data order and attack randomness from seeds of (seed, epoch) alone, so a run
-    resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
+    `plan` is a harness.training.TrainSettings (or anything with .settings() giving one); `amp`
+    turns mixed precision on (the caller decides, CUDA only). The loop is harness.training.train_epochs:
+    each epoch's data order and attack randomness come from (seed, epoch) alone, so a run resumed
+    from a checkpoint repeats exactly what the uninterrupted run would have done.
     """
-    from harness.core.progress import progress_bar
+    from harness.core.errors import RunFailed
 
+    settings = replace(_settings(plan), amp=amp)
     net, state = model.net, state or TrainState()
-    optimizer = optimizer or make_optimizer(plan, net)
-    batch = plan.data.batch_size or plan.batch_size
-    n_batches = math.ceil(len(y) / batch)
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    optimizer = optimizer or _make_optimizer(settings, net)
     if not state.records:
         clean, robust = check(model, 0)
         state.records.append({"epoch": 0, "loss": None, "clean_accuracy": clean, "robust_accuracy": robust, "seconds": 0.0, "lr": None})
-    for epoch in range(state.epoch, plan.epochs if not state.stopped else state.epoch):
-        t0 = time.perf_counter()
-        torch.manual_seed(_epoch_seed(seed, epoch))  # dropout and other global draws
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
-        g = torch.Generator(device).manual_seed(_epoch_seed(seed, epoch) + 1)
-        total, lr = 0.0, plan.optimizer.lr
-        with progress_bar(n_batches, f"{type(defense).__name__} epoch {epoch + 1}/{plan.epochs}", enabled=show_progress) as bar:
-            for i, idx in enumerate(order.split(batch)):
-                xb, yb = x[idx].to(device), y[idx].to(device)
-                lr = learning_rate(plan, epoch, i / n_batches)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    net.train(defense.craft_mode == "train")
-                    _set_trainable(net, False)
-                    x_adv = defense.perturb(model, xb, yb, g)
-                    net.train(True)
-                    _set_trainable(net, True)
-                    loss = defense.objective(model, xb, x_adv, yb)
-                if not bool(torch.isfinite(loss)):
-                    from harness.core.errors import RunFailed
+    started = [time.perf_counter()]
 
-                    raise RunFailed(f"the training loss became {float(loss)} in epoch {epoch + 1} (lower train.optimizer.lr)")
-                optimizer_step(optimizer, loss, scaler)
-                total += loss.item() * len(idx)
-                bar.update(1)
-        net.eval()
+    def step(xb: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        net.train(defense.craft_mode == "train")
         _set_trainable(net, False)
-        clean, robust = check(model, epoch + 1)
-        state.records.append({"epoch": epoch + 1, "loss": total / len(y), "clean_accuracy": clean, "robust_accuracy": robust,
-                              "seconds": round(time.perf_counter() - t0, 3), "lr": lr})
-        state.epoch = epoch + 1
+        x_adv = defense.perturb(model, xb, yb, g)
+        net.train(True)
+        _set_trainable(net, True)
+        return defense.objective(model, xb, x_adv, yb)
+
+    def after(epoch: int, loss: float, lr: float) -> bool:
+        _set_trainable(net, False)
+        clean, robust = check(model, epoch)
+        state.records.append({"epoch": epoch, "loss": loss, "clean_accuracy": clean, "robust_accuracy": robust,
+                              "seconds": round(time.perf_counter() - started[0], 3), "lr": lr})
+        state.epoch = epoch
         if robust > state.best_robust:
-            state.best_robust, state.best_epoch = robust, epoch + 1
-            state.best = _snapshot(net) if defense.keep_best else None
+            state.best_robust, state.best_epoch = robust, epoch
+            state.best = snapshot(net) if defense.keep_best else None
         drop = getattr(defense, "collapse_drop", None)
         if drop is not None and state.best_robust - robust > drop:
             state.stopped = (f"catastrophic overfitting: robust accuracy fell from {state.best_robust:.4f} (epoch {state.best_epoch}) "
-                             f"to {robust:.4f} (epoch {epoch + 1})")
+                             f"to {robust:.4f} (epoch {epoch})")
         if on_epoch is not None:
             on_epoch(state, optimizer, scaler)
-        if state.stopped:
-            break
+        started[0] = time.perf_counter()
+        return bool(state.stopped)
+
+    if not state.stopped:
+        try:
+            train_epochs(net, x, y, settings, device, step, seed=seed, first_epoch=state.epoch, optimizer=optimizer, scaler=scaler,
+                         on_epoch=after, label=type(defense).__name__, show_progress=show_progress)
+        except FloatingPointError as e:
+            raise RunFailed(str(e)) from None
+    net.eval()
+    _set_trainable(net, False)
     if defense.keep_best and state.best is not None:
         net.load_state_dict(state.best)
     return state

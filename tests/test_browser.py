@@ -226,7 +226,7 @@ _HOST = "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body><p id='pr
 def test_scorecard_repr_html_in_chromium(runs, open_page, javascript):
     """The inline HTML a notebook shows: self-contained, drawn without scripts (an untrusted
     notebook runs none), and styled without restyling the notebook page around it."""
-    from harness.records.scorecard import Scorecard
+    from harness.reports.scorecard import Scorecard
 
     card = Scorecard.load(runs["a"])
     fragment = card._repr_html_()
@@ -244,7 +244,7 @@ def test_scorecard_repr_html_in_chromium(runs, open_page, javascript):
 
 def test_compare_repr_html_in_chromium(runs, open_page):
     import harness
-    from harness.records.scorecard import Scorecard
+    from harness.reports.scorecard import Scorecard
 
     shown = harness.compare(Scorecard.load(runs["a"]), Scorecard.load(runs["b"]))
     p = open_page(html=_HOST.format(fragment=shown._repr_html_()), javascript=False)

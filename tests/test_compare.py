@@ -16,7 +16,7 @@ import pytest
 import harness
 from harness.reports.comparison import Comparison, compare_records
 from harness.core.errors import BadInput
-from harness.records.scorecard import Scorecard
+from harness.reports.scorecard import Scorecard
 
 ATTACKS = [{"name": "fgsm", "norm": "linf", "epsilons": [0.05, 0.1]},
            {"name": "pgd", "norm": "linf", "epsilons": [0.05, 0.1], "steps": 5}]

@@ -6,7 +6,7 @@ import pytest
 from harness.config import GateConfig, parse_config
 from harness.core.errors import BadInput
 from harness.verdicts.gates import gates_from_records, judge_gates, overall_verdict
-from harness.verdicts.metrics import newcombe_interval, paired_drop_interval, wilson_interval
+from harness.core.stats import newcombe_interval, paired_drop_interval, wilson_interval
 from harness.verdicts.outcomes import Outcomes, sample_digests
 
 M = {"clean_accuracy": 0.96, "robust_accuracy:pgd-linf@0.1": 0.40}

@@ -11,16 +11,16 @@ import torch
 from harness.attacks.config import validated
 from harness.attacks.poisoning import PROBES, BadNets, CleanLabel, LabelFlip, accuracy, attack_success_rate, patch, trigger_image
 from harness.sources.builtin import DigitsCNN
-from harness.config import TrainConfig
+from harness.config import TrainConfig, builtin_recipe
+from harness.training import TrainSettings
 
 CHECKER3 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 
 
 @pytest.fixture(scope="module")
-def plan() -> TrainConfig:
-    from harness.defenses.hardening import builtin_recipe
-
-    return TrainConfig.model_validate(builtin_recipe("builtin:digits-cnn"))
+def plan() -> TrainSettings:
+    # the probes take plain settings; the config layer translates the builtin recipe into them
+    return TrainConfig.model_validate(builtin_recipe("builtin:digits-cnn")).settings()
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +196,8 @@ def test_label_flip_refuses_bad_knobs(knobs, message):
 
 @pytest.mark.parametrize("cls, knobs", [(BadNets, dict(pattern="stripes")), (BadNets, dict(position="middle")),
                                         (BadNets, dict(epochs=0)), (CleanLabel, dict(epsilon="8/0")),
+                                        (CleanLabel, dict(epsilon="8/255")), (CleanLabel, dict(epsilon=-0.1)),
+                                        (CleanLabel, dict(epsilon=float("inf"))),
                                         (CleanLabel, dict(amplitude=1.5))])
 def test_backdoor_probes_refuse_bad_knobs(cls, knobs):
     with pytest.raises(ValueError):

@@ -338,7 +338,7 @@ def test_compact_view_is_a_scoped_div(record):
 
 
 def test_repr_html_is_the_compact_view(record):
-    from harness.records.scorecard import Scorecard
+    from harness.reports.scorecard import Scorecard
 
     card = Scorecard(copy.deepcopy(record))
     assert card._repr_html_() == render.compact_html(card.to_dict())
@@ -366,7 +366,7 @@ def test_many_classes_show_the_most_vulnerable_only():
 
 
 def test_saved_outputs_are_the_renderings(record, tmp_path):
-    from harness.records.scorecard import Scorecard
+    from harness.reports.scorecard import Scorecard
 
     Scorecard(copy.deepcopy(record)).save(tmp_path)
     rec = {**record, "provenance": {k: v for k, v in record["provenance"].items() if k != "outputs"}}

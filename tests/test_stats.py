@@ -11,9 +11,10 @@ import pytest
 from harness.config import GateConfig
 from harness.core.errors import BadInput
 from harness.core.files import sha256_file
-from harness.verdicts.metrics import mcnemar_p_value, metric_intervals, newcombe_interval, paired_drop_interval, wilson_interval
+from harness.core.stats import mcnemar_p_value, newcombe_interval, paired_drop_interval, wilson_interval
+from harness.verdicts.metrics import metric_intervals
 from harness.verdicts.outcomes import Outcomes, sample_digests
-from harness.records.scorecard import Scorecard
+from harness.reports.scorecard import Scorecard
 
 ROBUST = "robust_accuracy:pgd-linf@0.1"
 WORST = "robust_accuracy:worst-linf@0.1"
@@ -206,7 +207,11 @@ def test_outcomes_from_an_evaluation():
     cfg = AttackConfig(name="pgd", norm="linf", epsilons=[0.1])
     res = AttackResult(cfg, "pgd-linf", "0.1", 0.1, robust, correct.clone(), correct & ~robust, torch.full((6,), float("nan")))
     ev = Evaluation(n=6, correct=correct, results=[res], groups={("linf", 0.1): "0.1"})
-    o = Outcomes.from_evaluation(ev, torch.tensor([3, 8, 10, 11, 20, 21]))
+    from harness.sources.data import TensorData
+
+    data = TensorData(x=torch.rand(6, 1, 2, 2), y=torch.tensor([0, 1, 2, 0, 1, 2]), ids=torch.tensor([3, 8, 10, 11, 20, 21]),
+                      source="test", split="test")
+    o = Outcomes.from_evaluation(ev, data)
     assert o.ids.tolist() == [3, 8, 10, 11, 20, 21] and set(o.flags) == {"clean_accuracy", ROBUST, WORST}
     metrics = ev.metrics()
     assert all(o.flags[m].mean() == pytest.approx(metrics[m]) for m in o.flags)  # the bits add up to the metrics

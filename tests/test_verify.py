@@ -235,7 +235,7 @@ def test_verify_ok(run_dir, cli):
 
 
 def test_verify_what_scorecard_save_wrote(tmp_path, cli):
-    from harness.records.scorecard import Scorecard
+    from harness.reports.scorecard import Scorecard
 
     (tmp_path / "w.pt").write_bytes(b"abc")
     card = Scorecard(_record(artifacts=model_artifacts("builtin:digits-cnn", str(tmp_path / "w.pt"), tmp_path)))
@@ -314,7 +314,7 @@ class _Recorder:
         self.calls: list[tuple[tuple, dict]] = []
 
     def __call__(self, *args, **kwargs):
-        from harness.records.scorecard import Scorecard
+        from harness.reports.scorecard import Scorecard
 
         self.calls.append((args, kwargs))
         return Scorecard(_record())

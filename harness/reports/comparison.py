@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Union
 
 from harness.core.errors import BadInput
 from harness.core.files import write_text_atomic
-from harness.records.scorecard import Scorecard
+from harness.reports.scorecard import Scorecard
 
 __all__ = ["compare", "compare_records", "Comparison"]
 
@@ -148,7 +148,7 @@ def _gate_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _curve_rows(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, dict[str, list[list[float]]]]:
     """Per norm, each version's worst-case line (its per-attack lines where it has no worst case)."""
-    from harness.verdicts.metrics import curves
+    from harness.core.curves import curves
 
     out: dict[str, dict[str, list[list[float]]]] = {}
     for r, label in zip(records, labels):
@@ -164,7 +164,7 @@ def _flip_rows(cards: Sequence[Scorecard], labels: Sequence[str], shared: Sequen
     many samples went robust -> broken and back against the reference, McNemar's p, and by class.
     Only where harness.verdicts.outcomes.pairing (the rule max_drop gates use) finds the same samples; else
     the row's note says why it is not paired."""
-    from harness.verdicts.metrics import mcnemar_p_value
+    from harness.core.stats import mcnemar_p_value
     from harness.verdicts.outcomes import pairing
 
     ref = cards[0].outcomes

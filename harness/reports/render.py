@@ -181,7 +181,7 @@ def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]], *, title: 
 def _charts(record: dict[str, Any]) -> list[tuple[str, Any]]:
     from markupsafe import Markup
 
-    from harness.verdicts.metrics import curves
+    from harness.core.curves import curves
 
     return [(norm, Markup(curve_svg(norm, lines))) for norm, lines in sorted(curves(record).items())]
 
@@ -299,7 +299,10 @@ def _probes(record: dict[str, Any]) -> Optional[dict[str, Any]]:
     and a table with the trigger pictured and the scans of what it planted); scans on their own."""
     from markupsafe import Markup
 
-    records = [p for p in record.get("probes") or [] if isinstance(p, dict)]
+    from harness.reports.images import encode_probe_images
+
+    # a record saved before its pictures were encoded (a partial save) still shows them
+    records = [p for p in encode_probe_images(record.get("probes") or []) if isinstance(p, dict)]
     if not records:
         return None
     if any("kind" not in p for p in records):

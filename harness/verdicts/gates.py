@@ -18,7 +18,7 @@ import math
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from harness.config import GateConfig
-from harness.verdicts.metrics import mcnemar_p_value, newcombe_interval, paired_drop_interval, wilson_interval
+from harness.core.stats import mcnemar_p_value, newcombe_interval, paired_drop_interval, wilson_interval
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.verdicts.outcomes import Outcomes
