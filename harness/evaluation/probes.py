@@ -25,31 +25,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from harness.attacks.scans import SCANS, check_probe_name  # noqa: F401 (importable from here, as before)
+from harness.config.metric_ids import probe_metric_ids  # noqa: F401
 from harness.core.errors import BadInput
+from harness.core.ids import metric_id
+from harness.core.stats import paired_drop_interval, wilson_interval
 
-__all__ = ["SCANS", "probe_metric_ids", "evaluate_probes"]
+__all__ = ["SCANS", "probe_metric_ids", "evaluate_probes", "PIXEL_KEYS"]
 
-SCANS = ("activation-clustering", "spectral-signatures", "neural-cleanse")
-
-
-def probe_metric_ids(entry) -> list[str]:
-    """The metric ids one `probes:` entry produces (for validating gates before anything runs)."""
-    from harness.verdicts.metrics import metric_id
-
-    if entry.name in SCANS:
-        return [metric_id("anomaly_index", "neural-cleanse")] if entry.name == "neural-cleanse" else [metric_id("flagged_fraction", entry.probe_id)]
-    ids = []
-    for f in entry.fractions:
-        if entry.name != "label-flip":
-            ids.append(metric_id("attack_success_rate", entry.probe_id, f.label))
-        ids += [metric_id("clean_accuracy", entry.probe_id, f.label)]
-        if entry.name == "label-flip":
-            ids.append(metric_id("clean_accuracy_cost", entry.probe_id, f.label))
-        for scan in entry.scans:
-            subject = f"{entry.probe_id}/{scan}"
-            ids += ([metric_id("anomaly_index", subject, f.label)] if scan == "neural-cleanse"
-                    else [metric_id("scan_precision", subject, f.label), metric_id("scan_recall", subject, f.label)])
-    return ids
+# Pictures leave evaluation as raw pixels, (C, H, W) nested lists in [0, 1], under these keys; the
+# reporting layer (harness.reports.images.encode_probe_images) turns each into a PNG under the key
+# without the suffix ("trigger", "mask", "pattern") before the scorecard is written.
+PIXEL_KEYS = ("trigger_pixels", "mask_pixels", "pattern_pixels")
 
 
 def _scan_training_set(scan: str, model, x: torch.Tensor, y: torch.Tensor, poisoned_ids, params: dict) -> dict[str, Any]:
@@ -67,16 +54,19 @@ def _scan_training_set(scan: str, model, x: torch.Tensor, y: torch.Tensor, poiso
 def _neural_cleanse(model, x, y, num_classes: int, params: dict) -> dict[str, Any]:
     from harness.attacks import scans
 
-    from harness.reports.images import png_base64
-
     res = scans.neural_cleanse(model, x, y, num_classes=num_classes, **params)
-    out = {k: _plain(v) for k, v in res.items()}
+    out = {k: _plain(v) for k, v in res.items() if k not in ("mask", "pattern")}
     for key in ("mask", "pattern"):
         t = res.get(key)
         if isinstance(t, torch.Tensor):
             img = t.detach().float().cpu()
-            out[key] = png_base64(img if img.dim() == 3 else img.unsqueeze(0))
+            out[f"{key}_pixels"] = (img if img.dim() == 3 else img.unsqueeze(0)).tolist()
     return out
+
+
+def _pixels(image: torch.Tensor) -> list:
+    """A (C, H, W) picture as the raw pixels a record carries (float32 values, so its PNG is exact)."""
+    return image.detach().float().cpu().tolist()
 
 
 def _plain(value: Any) -> Any:
@@ -89,13 +79,17 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def _whole(data) -> torch.Tensor:
+    """All of a sample source's images: poison training and the scans work on whole sets in memory.
+    A slice, so the in-memory kind gives a view rather than a copy."""
+    return data.read(slice(None))
+
+
 def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_model: Callable[[bool], Any], device, out: Optional[Path],
                     done: dict[str, dict], emit: Callable[[str, dict], None]) -> tuple[list[dict], dict[str, float]]:
     """Every `probes:` entry: (scorecard records, metrics). `train_loader()` gives the training Data,
     `make_model(fine_tune)` a model to poison-train (the config's weights, or freshly initialized);
     units in `done` (a resumed run) are reused; `emit(unit, record)` saves each as it finishes."""
-    from harness.verdicts.metrics import metric_id
-
     records: list[dict] = []
     metrics: dict[str, float] = {}
     train = None
@@ -107,14 +101,14 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
             if rec is None:
                 t0 = time.perf_counter()
                 if entry.name == "neural-cleanse":
-                    res = _neural_cleanse(model, test.x.to(device), test.y.to(device), num_classes, entry.params)
+                    res = _neural_cleanse(model, _whole(test).to(device), test.y.to(device), num_classes, entry.params)
                     rec = {"id": entry.probe_id, "name": entry.name, "kind": "model-scan", **_plain(res),
                            "seconds": round(time.perf_counter() - t0, 3)}
                     metrics_of = {metric_id("anomaly_index", "neural-cleanse"): rec.get("anomaly_index")}
                     rec["metric_intervals"] = {metric_id("anomaly_index", "neural-cleanse"): _point(ANOMALY_WHY)}
                 else:
                     train = train if train is not None else train_loader()
-                    report = _scan_training_set(entry.name, model, train.x.to(device), train.y.to(device), None, entry.params)
+                    report = _scan_training_set(entry.name, model, _whole(train).to(device), train.y.to(device), None, entry.params)
                     ids = [int(train.ids[j]) for j in report.get("flagged_ids", [])]
                     if out is not None:
                         scans_module().write_flagged(Path(out) / "scans" / f"{entry.probe_id}.json", ids, scan=entry.name)
@@ -141,12 +135,12 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
             unit = f"probe|{i}|{entry.probe_id}|{f.label}"
             rec = done.get(unit)
             if rec is None:
-                from harness.defenses.hardening import train_plan
+                from harness.config.train import train_plan
 
                 train = train if train is not None else train_loader()
                 t0 = time.perf_counter()
                 plan = train_plan(cfg)
-                res = probe.run(lambda: make_model(fine_tune), (train.x, train.y), (test.x, test.y), f.value, plan,
+                res = probe.run(lambda: make_model(fine_tune), (_whole(train), train.y), (_whole(test), test.y), f.value, plan,
                                 device, plan.seed if plan.seed is not None else cfg.seed)
                 rec = {"id": entry.probe_id, "name": entry.name, "kind": "probe", "fraction": f.label, "fraction_value": f.value,
                        **{k: _plain(_rounded(getattr(res, k))) for k in ("attack_success_rate", "clean_accuracy", "clean_accuracy_baseline",
@@ -163,11 +157,11 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                     ms[cost] = rec["clean_accuracy_baseline"] - rec["clean_accuracy"]
                     intervals[cost] = _paired_cost(getattr(res, "discordant", None), len(test))
                     rec["n_discordant"] = list(res.discordant) if getattr(res, "discordant", None) is not None else None
-                poisoned_x, poisoned_y = getattr(res, "poisoned_train", (train.x, train.y))
+                poisoned_x, poisoned_y = getattr(res, "poisoned_train", None) or (_whole(train), train.y)
                 for scan in entry.scans:
                     subject = f"{entry.probe_id}/{scan}"
                     if scan == "neural-cleanse":
-                        nc = _neural_cleanse(res.model, test.x.to(device), test.y.to(device), num_classes, {})
+                        nc = _neural_cleanse(res.model, _whole(test).to(device), test.y.to(device), num_classes, {})
                         rec["scans"].append({"scan": scan, **_plain(nc)})
                         ms[metric_id("anomaly_index", subject, f.label)] = nc.get("anomaly_index")
                         intervals[metric_id("anomaly_index", subject, f.label)] = _point(ANOMALY_WHY)
@@ -191,9 +185,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                 if all(hasattr(probe, k) for k in ("size", "position", "pattern")):
                     from harness.attacks.poisoning import trigger_image
 
-                    from harness.reports.images import png_base64
-
-                    rec["trigger"] = png_base64(trigger_image(tuple(test.x.shape[1:]), probe.size, probe.position, probe.pattern))
+                    rec["trigger_pixels"] = _pixels(trigger_image(tuple(test.shape), probe.size, probe.position, probe.pattern))
                 rec["metrics"], rec["metric_intervals"] = ms, intervals
                 emit(unit, rec)
             records.append(rec)
@@ -212,16 +204,12 @@ def _point(why: str) -> dict[str, Any]:
 
 def _wilson(successes: int, n: int) -> dict[str, Any]:
     """A proportion's interval entry; on no trial at all [0, 1], since nothing was measured."""
-    from harness.verdicts.metrics import wilson_interval
-
     return {"ci95": [round(v, 6) for v in wilson_interval(successes, n)], "method": "wilson", "n": int(n)}
 
 
 def _paired_cost(discordant: Optional[tuple[int, int]], n: int) -> dict[str, Any]:
     """The label-flip probe's accuracy cost (baseline minus poisoned) is a difference of two models'
     accuracies on the same test points: a paired interval (Tango's score interval) from the discordant counts."""
-    from harness.verdicts.metrics import paired_drop_interval
-
     if discordant is None or n <= 0:
         return _point("the per-sample outcomes of the baseline were not kept (a run saved before they were): no paired interval")
     lo, hi = paired_drop_interval(discordant[0], discordant[1], n)
@@ -237,10 +225,3 @@ def scans_module():
 def _rounded(v: Any) -> Any:
     """Accuracies computed in float32 print as 0.9850000143: round them to what a count supports."""
     return round(float(v), 6) if isinstance(v, float) else v
-
-
-def check_probe_name(name: str) -> None:
-    from harness.attacks.poisoning import PROBES
-
-    if name not in PROBES and name not in SCANS:
-        raise BadInput("probes", f"unknown probe {name!r} (valid: {', '.join(PROBES.names() + list(SCANS))})")
