@@ -396,7 +396,7 @@ def test_builtin_training_does_not_depend_on_the_callers_thread_count():
     """The cached builtin weights must be the same whichever process trains them first: a test session
     (one torch thread) or a `harness run` (all cores). Without the recipe's own thread count, 1 and 2
     threads give different weights."""
-    from harness.builtin import RECIPE, train_digits_cnn
+    from harness.sources.builtin import RECIPE, train_digits_cnn
 
     recipe = {**RECIPE, "epochs": 1}
     before = torch.get_num_threads()
