@@ -28,7 +28,8 @@ VerifyRow = dict[str, Optional[str]]
 PathLike = Union[str, "os.PathLike[str]"]
 
 # Distribution names probed by package_versions, keyed as they appear in the scorecard.
-_CORE = {"harness": "harness", "torch": "torch", "torchvision": "torchvision", "numpy": "numpy"}
+_CORE = {"harness": "robustgate",  # the distribution that installs the harness package
+         "torch": "torch", "torchvision": "torchvision", "numpy": "numpy"}
 _OPTIONAL = {"foolbox": "foolbox", "art": "adversarial-robustness-toolbox"}
 
 
