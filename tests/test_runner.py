@@ -234,7 +234,7 @@ def _suite_outcomes(ev):
 
 def test_the_runner_hands_the_engine_units_and_reads_samples_by_rows(wrapped_digits):
     from harness.config import parse_config
-    from harness.evaluation.runner import _seed, evaluate
+    from harness.evaluation.runner import evaluate, seed_of as _seed
     from harness.sources.data import load_data
 
     data = load_data("builtin:digits", limit=90)

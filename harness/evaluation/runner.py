@@ -15,28 +15,31 @@ of devices or on the engine. The runner reads samples through `data.read(rows)` 
 from __future__ import annotations
 
 import math
-import time
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from harness.attacks import BUDGET_TOLERANCE
-from harness.attacks.base import access_of, describe
-from harness.config import AttackConfig, CorruptionConfig
+from harness.attacks.base import access_of
+from harness.config import AttackConfig
 from harness.config.metric_ids import entry_epsilons, worst_groups
 from harness.core.curves import curves
 from harness.core.errors import BadInput
 from harness.core.ids import metric_id
-from harness.engines.base import EXAMPLES, Engine, Unit, UnitResult
+from harness.engines.base import Engine
 from harness.engines.local import LocalEngine
 from harness.engines.stage import BatchLimit, device_of, strict_fp32
 from harness.evaluation import checks as validity
+from harness.evaluation.cascade import Corruption, Ordered, Suite, seed_of
 from harness.evaluation.checks import record
 from harness.sources.data import Data
 from harness.sources.models import BoundedModel, looks_like_probabilities
 
-__all__ = ["AttackResult", "Evaluation", "evaluate", "check_record"]
+_Suite = Suite  # the suite's state and lanes (harness.evaluation.cascade), by the name tests patch
+
+__all__ = ["AttackResult", "Evaluation", "evaluate", "check_record", "Corruption"]
 
 
 check_record = record  # the runner's own checks (budget, finite, memory) use the same record shape
@@ -177,195 +180,6 @@ def clean_pass(engine: Engine, data: Data, batch_size: int, num_classes: Optiona
     return logits
 
 
-def _seed(seed: int, *keys: int) -> int:
-    h = seed
-    for k in keys:
-        h = (h * 1_000_003 + k) % (2**61 - 1)
-    return h
-
-
-def _params(attack: Any, cfg: AttackConfig) -> dict[str, Any]:
-    try:
-        return describe(attack)
-    except TypeError:  # not a dataclass
-        return dict(cfg.params)
-
-
-def _targets(cfg: AttackConfig, logits: torch.Tensor, y: torch.Tensor, seed: int, index: int) -> Optional[torch.Tensor]:
-    if not cfg.targeted:
-        return None
-    if cfg.target == "least-likely":
-        return logits.argmin(dim=1)
-    classes = logits.shape[1]
-    g = torch.Generator().manual_seed(_seed(seed, index, 7))
-    return (y + torch.randint(1, classes, y.shape, generator=g)) % classes  # uniform over the other classes
-
-
-@dataclass(frozen=True)
-class Corruption:
-    """A common corruption at one severity, in the attack signature, so it travels in a Unit like any attack."""
-
-    kind: str
-    severity: int
-
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Any, *,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        from harness.attacks.baselines import corrupt
-
-        return corrupt(self.kind, x, self.severity, generator)
-
-
-def _unit(index: int, *keys: Any) -> str:
-    return "|".join(str(k) for k in (index, *keys))
-
-
-class _Suite:
-    """State of one evaluation: the engine and, per (norm, eps), the points still robust.
-
-    Each finished unit (an attack at one epsilon; a minimal attack; a corruption at one severity)
-    goes to `emit` at once, so it can be saved; a unit found in `done` (a saved run being resumed)
-    is restored instead of recomputed, cascade state included.
-    """
-
-    def __init__(self, engine: Engine, data: Data, correct: torch.Tensor, logits: torch.Tensor, batch_size: int, seed: int,
-                 cascade: bool, show: Optional[bool], emit: Callable[[list[AttackResult]], None],
-                 done: Optional[dict[str, list[AttackResult]]] = None) -> None:
-        self.engine, self.data, self.correct, self.logits = engine, data, correct, logits
-        self.batch_size, self.seed, self.cascade, self.show = max(1, batch_size), seed, cascade, show
-        self.alive: dict[tuple[str, float], torch.Tensor] = {}
-        self.emit, self.done = emit, done or {}
-
-    def alive_at(self, norm: str, eps: float) -> torch.Tensor:
-        return self.alive.setdefault((norm, eps), self.correct.clone())
-
-    def restored(self, unit: str) -> Optional[list[AttackResult]]:
-        """The saved results of a finished unit, with the cascade state they leave behind."""
-        saved = self.done.get(unit)
-        if saved is None:
-            return None
-        for r in saved:
-            r.resumed = True
-            if r.cascade and r.norm is not None and r.value is not None and math.isfinite(r.value):
-                self.alive[(r.norm, r.value)] = r.robust.clone()
-        self.emit(saved)
-        return saved
-
-    def units(self, attack: Any, norm: str, eps: float, sample: torch.Tensor, key: int, target: Optional[torch.Tensor],
-              entry: str = "", stage: int = 0) -> list[Unit]:
-        """`sample` (rows) in batches, batch i seeded from (run seed, key, i)."""
-        return [Unit(attack=attack, norm=norm, epsilon=float(eps), rows=tuple(rows.tolist()), seed=_seed(self.seed, key, i),
-                     batch_size=self.batch_size, targets=None if target is None else tuple(target[rows].tolist()),
-                     entry=entry, stage=stage, batch=i)
-                for i, rows in enumerate(sample.split(self.batch_size))] if sample.numel() else []
-
-    def attack_points(self, attack, norm: str, eps: float, points: torch.Tensor, keys: tuple, target: Optional[torch.Tensor],
-                      entry: str = "", stage: int = 0) -> tuple[torch.Tensor, torch.Tensor, UnitResult]:
-        """Runs `attack` on `points` (bool mask) at one epsilon; returns (broken mask, distances, the stage's UnitResult).
-        keys: (the seed key of this stage, names for the progress bar...)."""
-        n = len(self.data)
-        sample = torch.nonzero(points).flatten()
-        units = self.units(attack, norm, eps, sample, keys[0], target, entry, stage)
-        with _progress(len(units), "/".join(map(str, keys[1:])) or "attack", self.show) as bar:
-            start = time.perf_counter()
-            parts = self.engine.run(units, on_done=lambda i, r: bar.update(1))
-            res = UnitResult.concat(parts, seconds=time.perf_counter() - start)  # wall time: devices work side by side
-        broken = torch.zeros(n, dtype=torch.bool)
-        dist = torch.full((n,), float("nan"))
-        broken[sample], dist[sample] = res.broken, res.distance
-        return broken, dist, res
-
-    def bounded(self, cfg: AttackConfig, eps_list, index: int) -> list[AttackResult]:
-        attack = cfg.build()
-        target = _targets(cfg, self.logits, self.data.y, self.seed, index)
-        stages = attack.stages(cfg.norm) if hasattr(attack, "stages") else [(cfg.name, attack)]
-        out = []
-        for j, eps in enumerate(eps_list):
-            unit = _unit(index, cfg.attack_id, eps.label)
-            saved = self.restored(unit)
-            if saved is not None:
-                out += saved
-                continue
-            alive = self.alive_at(cfg.norm, eps.value) if self.cascade else self.correct.clone()
-            attacked = alive.clone()
-            broken_all = torch.zeros_like(alive)
-            dist = torch.full((len(self.data),), float("nan"))
-            total, stage_recs = AttackResult(cfg, cfg.attack_id, eps.label, eps.value, alive, attacked, broken_all, dist,
-                                             cascade=self.cascade, params=_params(attack, cfg), unit=unit), []
-            for s, (stage_name, stage_attack) in enumerate(stages):
-                points = alive & ~broken_all
-                broken, d, res = self.attack_points(stage_attack, cfg.norm, eps.value, points, (_seed(index, s, j), cfg.attack_id, eps.label), target,
-                                                    unit, s)
-                broken_all |= broken
-                dist = torch.where(broken, d, dist)
-                total.seconds += res.seconds
-                total.violations += res.violations
-                total.nonfinite += res.nonfinite
-                total.queries += res.queries
-                total.gradients += res.gradients
-                total.target_hits += int(res.target_hit.sum())
-                total.examples = (total.examples + res.examples)[:EXAMPLES]
-                total.parts.append({"attack": stage_name, "access": access_of(stage_attack), "attacked": points, "broken": broken})
-                stage_recs.append({"attack": stage_name, "n_attacked": int(points.sum()), "n_broken": int(broken.sum()),
-                                   "robust_accuracy": int((alive & ~broken_all).sum()) / len(self.data), "seconds": round(res.seconds, 4)})
-            total.robust = alive & ~broken_all
-            total.broken, total.distance = broken_all, torch.where(attacked, dist, torch.nan)
-            if len(stages) > 1:
-                total.stages = stage_recs
-            if self.cascade:
-                self.alive[(cfg.norm, eps.value)] = total.robust
-            out.append(total)
-            self.emit([total])
-        return out
-
-    def minimal(self, cfg: AttackConfig, eps_list, index: int) -> list[AttackResult]:
-        """One unbounded run on every correct point; the distances imply robustness at each epsilon."""
-        unit = _unit(index, cfg.attack_id)
-        saved = self.restored(unit)
-        if saved is not None:
-            return saved
-        attack = cfg.build()
-        target = _targets(cfg, self.logits, self.data.y, self.seed, index)
-        broken, dist, res = self.attack_points(attack, cfg.norm, math.inf, self.correct, (_seed(index, 0, 0), cfg.attack_id), target, unit)
-        # per correct point its distance, inf where never broken: the median and its interval read these
-        dist = torch.where(self.correct, torch.where(broken, dist, torch.inf), torch.nan)
-        sizes = dist[self.correct]
-        median = float(sizes.median()) if sizes.numel() else 0.0  # inf when most points resist
-        common = dict(seconds=res.seconds, violations=res.violations, nonfinite=res.nonfinite, queries=res.queries, gradients=res.gradients,
-                      target_hits=int(res.target_hit.sum()), median_perturbation=median, params=_params(attack, cfg), minimal=True, unit=unit)
-        out = []
-        for eps in eps_list or []:
-            within = broken & (dist <= eps.value + BUDGET_TOLERANCE)
-            before = self.alive_at(cfg.norm, eps.value) if self.cascade else self.correct
-            robust = before & ~within
-            if self.cascade:
-                self.alive[(cfg.norm, eps.value)] = robust
-            part = {"attack": cfg.name, "access": access_of(attack), "attacked": before.clone(), "broken": within & before}
-            shown = [e for e in res.examples if bool(within[e[0]])]
-            out.append(AttackResult(cfg, cfg.attack_id, eps.label, eps.value, robust, self.correct.clone(), within, dist,
-                                    cascade=self.cascade, parts=[part], examples=shown, **common))
-        if not out:  # no epsilon to judge at: still report the distances
-            out.append(AttackResult(cfg, cfg.attack_id, "inf", math.inf, self.correct & ~broken, self.correct.clone(), broken, dist,
-                                    cascade=False, examples=res.examples, **{**common, "violations": 0, "nonfinite": 0, "target_hits": 0}))
-        self.emit(out)
-        return out
-
-    def corruptions(self, cfg: CorruptionConfig, index: int) -> list[AttackResult]:
-        out = []
-        for k, kind in enumerate(cfg.kinds):
-            for sev in cfg.severities:
-                unit = _unit(index, kind, sev)
-                saved = self.restored(unit)
-                if saved is not None:
-                    out += saved
-                    continue
-                broken, dist, res = self.attack_points(Corruption(kind, sev), "linf", math.inf, self.correct,
-                                                       (_seed(index, k, sev), kind, str(sev)), None, unit)
-                out.append(AttackResult(cfg, kind, str(sev), None, self.correct & ~broken, self.correct.clone(), broken, dist,
-                                        seconds=res.seconds, nonfinite=res.nonfinite, cascade=False, unit=unit, examples=res.examples))
-                self.emit(out[-1:])
-        return out
-
-
 _CHECK_POINTS = 512  # the validity checks sample at most 64 of these, spread over the data
 
 
@@ -392,7 +206,7 @@ def validity_checks(model: BoundedModel, data: Data, ev: Evaluation, attacks: Se
 
     sample = min(64, limit.size) if limit is not None and limit.size else 64
     dev = device_of(model)
-    gen = lambda k: torch.Generator(device=dev).manual_seed(_seed(seed, 0xC4EC, k))
+    gen = lambda k: torch.Generator(device=dev).manual_seed(seed_of(seed, 0xC4EC, k))
     pick = torch.linspace(0, len(data) - 1, min(len(data), _CHECK_POINTS)).round().long().unique()
     x, y = data.read(pick).to(dev), data.y[pick].to(dev)
     out = [validity.randomness(model, x, sample=sample), validity.gradients(model, x, y, sample=sample)]
@@ -450,19 +264,17 @@ def evaluate(model: BoundedModel, data: Data, attacks: Sequence[Any], devices: S
             per_entry = entry_epsilons(attacks)
             ev = Evaluation(n=len(data), correct=correct, checks=checks, groups=worst_groups(attacks, per_entry), ids=data.ids)
 
-            def emit(results: list[AttackResult]) -> None:
-                ev.results.extend(results)
-                if on_result is not None:
-                    on_result(ev)
+            order, lock = Ordered(), threading.Lock()
 
-            suite = _Suite(engine, data, correct, logits, batch_size, seed, cascade, show_progress, emit, done)
-            for i, (cfg, eps_list) in enumerate(zip(attacks, per_entry)):
-                if isinstance(cfg, CorruptionConfig):
-                    suite.corruptions(cfg, i)
-                elif cfg.minimal:
-                    suite.minimal(cfg, eps_list, i)
-                else:
-                    suite.bounded(cfg, eps_list, i)
+            def emit(results: list[AttackResult], keys: list[tuple]) -> None:
+                with lock:  # lanes finish in any order: results go in config order, and each save sees a whole state
+                    order.insert(results, keys, ev.results)
+                    if on_result is not None:
+                        on_result(ev)
+
+            with _progress(0, "attacks", show_progress) as bar:  # one bar, ticking as units return, whichever lane sent them
+                suite = Suite(engine, data, correct, logits, batch_size, seed, cascade, bar, emit, done, AttackResult)
+                suite.run(suite.plan(list(attacks), per_entry))
             # in this process, on the first device, as before the engine: model.to is a no-op where the engine put it there
             checks += validity_checks(model.to(devices[0]), data, ev, attacks, seed, engine.limit)
     finally:
