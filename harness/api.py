@@ -20,7 +20,7 @@ __all__ = ["run", "resolve_config"]
 
 def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: Optional[Union[str, Path]] = None,
         device: Optional[Union[str, list]] = None, seed: Optional[int] = None, baseline: Optional[Union[str, Path, Scorecard]] = None,
-        show_progress: Optional[bool] = None, resume: bool = False) -> Scorecard:
+        show_progress: Optional[bool] = None, resume: bool = False, engine: Any = None) -> Scorecard:
     """Runs a suite and returns its Scorecard; writes the run's outputs to `out` when given.
 
     `config` is a YAML path, a dict, a Config, or None for the embedded default. `model` (a
@@ -32,9 +32,11 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     `out/run-state.json` as each attack at each epsilon finishes. `resume=True` reuses what a run
     into the same `out` finished (when its config, model and data hashes match) and computes only the
     rest. While it runs, the run holds `out` (a lock file in it): a second run into the same `out`
-    raises BadInput naming the first.
+    raises BadInput naming the first. `engine` ("local", "ray", an `engine:` mapping such as
+    {"name": "ray", "address": "auto"}, or an engine object, used and left open) says where the
+    units run; the results do not depend on it.
     """
-    request = RunRequest(config, model, data, None if out is None else Path(out), device, seed, baseline, show_progress, resume)
+    request = RunRequest(config, model, data, None if out is None else Path(out), device, seed, baseline, show_progress, resume, engine)
     with contextlib.ExitStack() as stack:
         if request.out is not None:
             from harness.core.files import output_lock
@@ -44,7 +46,11 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
             from harness.sources.models import kept_as_found
 
             stack.enter_context(kept_as_found(model))
-        return run_stages(RunContext(request)).card
+        ctx = RunContext(request)
+        try:
+            return run_stages(ctx).card
+        finally:
+            ctx.close()
 
 
 def _is_module(obj: Any) -> bool:

@@ -143,12 +143,19 @@ def _print_summary(card, out: Optional[Path]) -> None:
 @click.option("--seed", type=int, help="Override the config's seed.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out [default: the newest reports/<name>-*/ "
               "with a scorecard.partial.json], without recomputing what finished.")
+@click.option("--engine", "engine", type=click.Choice(["local", "ray"]), help="Where the units run [default: the config's "
+              "engine:, else local]. ray needs pip install 'robustgate[ray]'.")
+@click.option("--address", help="ray: a running cluster, auto or HOST:PORT [default: start a local Ray on this machine].")
+@click.option("--workers", type=int, help="ray: how many workers [default: one per GPU, or per CPU slot].")
+@click.option("--gpus-per-worker", type=float, help="ray: GPUs per worker; a fraction such as 0.5 puts two on each GPU.")
 @_guard
 def run(config: Optional[Path], out: Optional[Path], device: Optional[str], baseline: Optional[Path], seed: Optional[int],
-        resume: bool) -> None:
+        resume: bool, engine: Optional[str], address: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float]) -> None:
     """Run a suite (the embedded default when CONFIG is left out) and write its scorecard.
 
-    Ctrl-C or SIGTERM stops it with exit 3, keeping finished attacks; --resume continues it.
+    Ctrl-C or SIGTERM stops it with exit 3, keeping finished attacks; --resume continues it (with
+    any engine: --resume --engine ray continues a local run, and the other way round). The metrics
+    do not depend on the engine or the number of workers.
     """
     from harness.api import resolve_config, run as run_suite
     from harness.engines.devices import parse_devices
@@ -168,6 +175,9 @@ def run(config: Optional[Path], out: Optional[Path], device: Optional[str], base
             extra["resume"] = True
             if (out / PARTIAL).is_file():
                 click.echo(f"harness: resuming the run in {out}/", err=True)
+    given = {"name": engine, "address": address, "workers": workers, "gpus_per_worker": gpus_per_worker}
+    if any(v is not None for v in given.values()):
+        extra["engine"] = {k: v for k, v in given.items() if v is not None}
     out = out or _default_out(cfg.name)
     try:
         with _sigterm_as_interrupt():

@@ -270,10 +270,35 @@ class GateConfig(Strict):
         return self
 
 
+class EngineConfig(Strict):
+    """`engine:` where the units run: `local` (threads over this process's devices) or `ray` (Ray
+    actors on this machine or a cluster; harness.engines.cluster). Written as a name alone
+    (`engine: ray`) or as a mapping. Like `device`, it is not part of what a resumed run must match."""
+
+    name: Literal["local", "ray"] = "local"
+    address: Optional[str] = None  # ray: "auto" or HOST:PORT of a running cluster; none starts a local Ray
+    workers: Optional[int] = Field(default=None, ge=1)  # ray: actors [one per GPU, or per `threads` CPUs]
+    gpus_per_worker: Optional[float] = Field(default=None, gt=0)  # ray: a fraction such as 0.5 shares a GPU
+    threads: Optional[int] = Field(default=None, ge=1)  # ray: torch threads per worker [the driver's]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, raw: Any) -> Any:
+        return {"name": raw} if isinstance(raw, str) else raw
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> "EngineConfig":
+        given = [k for k in ("address", "workers", "gpus_per_worker", "threads") if getattr(self, k) is not None]
+        if self.name == "local" and given:
+            raise ValueError(f"{given[0]} applies to the ray engine only (engine: {{name: ray, {given[0]}: ...}}, or --engine ray)")
+        return self
+
+
 class Config(Strict):
     name: str = "suite"
     seed: int = 0
     device: Union[str, list[str]] = "auto"
+    engine: EngineConfig = EngineConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     attacks: list[AttackEntry] = []

@@ -39,6 +39,7 @@ class RunRequest:
     baseline: Any = None  # a scorecard path or a Scorecard
     show_progress: Optional[bool] = None
     resume: bool = False
+    engine: Any = None  # "local", "ray" or an `engine:` mapping replacing the config's; or an Engine to use as it is
 
 
 @dataclass(repr=False)
@@ -53,6 +54,7 @@ class RunContext:
     t0: float = field(init=False)  # perf_counter at the start, for duration_s
     # load
     devices: list[torch.device] = field(init=False)
+    engine: Any = field(init=False)  # where the units run (harness.engines); closed by close()
     data: Data = field(init=False)
     model: BoundedModel = field(init=False)
     model_info: dict[str, Any] = field(init=False)  # the model's source and hashes, as its loader tells them
@@ -72,6 +74,12 @@ class RunContext:
 
     def __repr__(self) -> str:
         return f"RunContext({', '.join(self.filled())})"
+
+    def close(self) -> None:
+        """Releases what the run holds beyond its outputs: the engine's workers (one handed in stays open)."""
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None and engine is not self.request.engine:
+            engine.close()
 
     @property
     def out(self) -> Optional[Path]:

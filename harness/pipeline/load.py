@@ -60,6 +60,13 @@ def load(ctx: RunContext) -> RunContext:
 
     cfg, req = ctx.cfg, ctx.request
     ctx.devices = resolve_devices(cfg.device)
+    if req.engine is not None and not isinstance(req.engine, (str, dict)):
+        ctx.engine = req.engine  # the caller's engine, used and left open
+    else:
+        from harness.engines import engine_for
+
+        e = cfg.engine
+        ctx.engine = engine_for(e.name, e.address, e.workers, e.gpus_per_worker, e.threads)
     seed_everything(cfg.seed)  # before the model loads: a factory's random initialization is part of the run
     if req.data is not None:
         ctx.data = as_data(req.data, cfg)

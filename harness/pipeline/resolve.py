@@ -33,9 +33,14 @@ def resolve(ctx: RunContext) -> RunContext:
 
     req = ctx.request
     cfg, ctx.base, ctx.label = resolve_config(req.config)
-    if req.seed is not None or req.device is not None:  # validated again: an override is config too
-        cfg = parse_config({**cfg.model_dump(mode="json"), **({"seed": req.seed} if req.seed is not None else {}),
-                            **({"device": req.device} if req.device is not None else {})}, ctx.label)
+    engine = req.engine if isinstance(req.engine, (str, dict)) else None
+    if req.seed is not None or req.device is not None or engine is not None:  # validated again: an override is config too
+        raw = cfg.model_dump(mode="json")
+        if isinstance(engine, dict):  # the keys given replace the config's (a CLI --address keeps the config's workers)
+            engine = {**(raw["engine"] if engine.get("name", raw["engine"]["name"]) == raw["engine"]["name"] else {}), **engine}
+        cfg = parse_config({**raw, **({"seed": req.seed} if req.seed is not None else {}),
+                            **({"device": req.device} if req.device is not None else {}),
+                            **({"engine": engine} if engine is not None else {})}, ctx.label)
     ctx.cfg = cfg
     ctx.baseline = req.baseline if isinstance(req.baseline, Scorecard) or req.baseline is None else Scorecard.load(req.baseline)
     ctx.started, ctx.t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()

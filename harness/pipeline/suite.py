@@ -23,7 +23,8 @@ def evaluate_suite(ctx: RunContext, model: BoundedModel, label: str = "", *, on_
 
     cfg = ctx.cfg
     return evaluate(model, ctx.data, cfg.attacks, ctx.devices, cfg.data.batch_size, cfg.seed, cfg.model.num_classes,
-                    on_result=on_result, show_progress=ctx.request.show_progress, cascade=cfg.cascade, done=done)
+                    on_result=on_result, show_progress=ctx.request.show_progress, cascade=cfg.cascade, done=done,
+                    engine=getattr(ctx, "engine", None))
 
 
 def suite(ctx: RunContext) -> RunContext:

@@ -257,11 +257,13 @@ def load_data(source: str, split: str = "test", limit: Optional[int] = None, see
               base: Path = Path("."), image_size=None) -> Data:
     scheme, arg = _scheme(source)
     loaded: Loaded = DATASETS.get(scheme)(arg, split, base, image_size)
+    origin = {"source": source, "split": split, "limit": limit, "seed": seed, "base": str(Path(base).resolve()),
+              "image_size": None if image_size is None else (list(image_size) if isinstance(image_size, (list, tuple)) else image_size)}
     if not isinstance(loaded, tuple):  # a Reader: validated as it opened, read when a stage needs its samples
-        return LazyData(loaded, subset(len(loaded.y), limit, seed), source, split)
+        return LazyData(loaded, subset(len(loaded.y), limit, seed), source, split, origin)
     x, y = _checked(*loaded, source)
     idx = subset(len(y), limit, seed)
-    return TensorData(x=x[idx].contiguous(), y=y[idx].contiguous(), ids=idx, source=source, split=split)
+    return TensorData(x=x[idx].contiguous(), y=y[idx].contiguous(), ids=idx, source=source, split=split, origin=origin)
 
 
 def data_from_tensors(x: torch.Tensor, y: torch.Tensor, limit: Optional[int] = None, seed: int = 0) -> Data:

@@ -307,4 +307,9 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
         info["weights"] = str(path)
         info["weights_sha256"] = sha256_file(path)
     info["model_sha256"] = state_dict_sha256(net)
-    return BoundedModel(net, mean, std), info
+    model = BoundedModel(net, mean, std)
+    # where it came from, for an engine whose workers rebuild it (harness.engines.recipes)
+    model.origin = {"source": source, "num_classes": num_classes, "mean": None if mean is None else list(mean),
+                    "std": None if std is None else list(std), "kwargs": dict(kwargs or {}), "base": str(Path(base).resolve()),
+                    "model_sha256": info["model_sha256"]}
+    return model, info

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
 
@@ -89,6 +89,7 @@ class TensorData(Data):
     ids: torch.Tensor  # (n,) int64, the sample's index in its full split
     source: str
     split: str
+    origin: Optional[dict] = field(default=None, compare=False)  # the loader's arguments (harness.engines.recipes)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -110,7 +111,8 @@ class Reader(Protocol):
 class LazyData(Data):
     """A split read on demand through a Reader, restricted to the split positions `ids` (sorted)."""
 
-    def __init__(self, reader: Reader, ids: torch.Tensor, source: str, split: str) -> None:
+    def __init__(self, reader: Reader, ids: torch.Tensor, source: str, split: str, origin: Optional[dict] = None) -> None:
+        self.origin = origin  # the loader's arguments, for a worker that reads the same files (harness.engines.recipes)
         self.reader = reader
         self.ids = ids
         self.y = reader.y[ids].contiguous()

@@ -1,0 +1,499 @@
+"""The Ray engine: the run's units on Ray actors, one per GPU (or GPU fraction) or per CPU slot, on
+one machine or a cluster. The driver keeps the cascade barriers (harness.evaluation.cascade); this
+engine only runs what it is handed, with the guarantees of `harness.engines.base`.
+
+- **Workers** build the model once from its recipe (harness.engines.recipes: the model config and
+  the weights as safetensors bytes, verified against the provenance sha256 in the worker) and read
+  their own batches through the sample source; data that lives only in the driver's memory goes to
+  the object store once, as raw bytes. No model or data is ever pickled. A `python:` model's module
+  travels in Ray's runtime environment (a copy of it becomes the workers' working directory).
+- **Same answer.** Each worker runs torch with the driver's thread count (or `threads`) and with
+  TF32 off, and a unit's draws come from its own seed, so on the CPU a unit gives the same bits on
+  any worker: the scorecard does not depend on the number of workers.
+- **Spread.** About `in_flight` (2) units per worker are outstanding at a time, taken from every lane
+  the runner has open (`concurrency`), so independent (norm, epsilon) groups, minimal attacks and
+  corruptions run side by side.
+- **Faults.** A unit whose worker (or node) is lost is sent to another; a replacement worker is
+  asked for. Out of memory, a worker halves as the local engine does, starting from the run's
+  `limit`, and reports the size it got down to, which then holds for every later unit.
+- **Security.** Ray runs code for anyone who can reach its port: keep the cluster on a private
+  network with token authentication (`RAY_AUTH_MODE=token`); see docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import torch
+
+from harness.core.errors import BadInput, RunFailed
+from harness.engines.base import Rows, Unit, UnitResult
+from harness.engines.stage import BatchLimit
+
+if TYPE_CHECKING:
+    from harness.sources.data import Data
+
+__all__ = ["RayEngine", "require_ray", "INSTALL"]
+
+INSTALL = "pip install 'robustgate[ray]'"
+IN_FLIGHT = 2  # units outstanding per worker
+START_TIMEOUT_S = 300.0  # a worker that is not up by then (no resources anywhere, a broken node) fails the run
+MAX_ATTEMPTS = 4  # a unit is sent to at most this many workers that died under it
+
+
+class Cancelled(Exception):
+    """The run was interrupted or failed elsewhere: this call stops waiting."""
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise BadInput("engine", f"the Ray engine needs Ray, which is not installed: {INSTALL}") from None
+    return ray
+
+
+def _connect(ray: Any, address: Optional[str]) -> bool:
+    """Joins the cluster at `address` (or starts a local Ray when None); True when this call started
+    or joined it (and so should leave it at close). ray.init installs its own SIGTERM handler: the
+    caller's (the harness's: SIGTERM stops a run as Ctrl-C does) is put back after it."""
+    if ray.is_initialized():
+        return False
+    import logging
+
+    if address is not None:
+        _reachable(address)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address is None:
+        kwargs.update(address="local", include_dashboard=False)
+    else:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = "--address" if address is not None else "engine"
+        raise BadInput(where, f"cannot reach a Ray cluster at {address or 'a new local instance'} "
+                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return True
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """HOST:PORT must answer within `timeout` (Ray itself waits minutes on an address where nothing listens)."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        if address != "auto":
+            raise BadInput("--address", f"expected auto or HOST:PORT, got {address!r}")
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise BadInput("--address", f"no Ray cluster answers at {address} ({e.strerror or type(e).__name__}); start one with "
+                       "`ray start --head` or leave --address out to start a local Ray") from None
+
+
+class _WorkerImpl:
+    """One Ray actor: builds models and data from recipes (cached by key) and runs units on them."""
+
+    def __init__(self, threads: int, device: str, versions: dict[str, str]) -> None:
+        mine = _versions()
+        if mine != versions:
+            raise RuntimeError(f"this node has {mine}, the driver {versions}: install the same versions on every node")
+        torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("a GPU worker found no CUDA device")
+        self.device = torch.device(device)
+        self.models: dict[str, Any] = {}
+        self.data: dict[str, Any] = {}
+
+    def ping(self) -> dict[str, Any]:
+        import os
+
+        import ray
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads(),
+                "device": str(self.device)}
+
+    def _model(self, ref: tuple[str, list]) -> Any:
+        import ray
+
+        from harness.engines.recipes import build_model
+        from harness.engines.stage import Counting
+
+        key, box = ref
+        if key not in self.models:
+            if len(self.models) >= 4:  # a run's variants one after another: keep the newest few
+                self.models.pop(next(iter(self.models)))
+            model = build_model(ray.get(box[0])).to(self.device)
+            self.models[key] = (model, Counting(model))
+        return self.models[key]
+
+    def _data(self, ref: tuple[str, list]) -> Any:
+        import ray
+
+        from harness.engines.recipes import build_data
+
+        key, box = ref
+        if key not in self.data:
+            self.data = {key: build_data(ray.get(box[0]))}
+        return self.data[key]
+
+    def run(self, model: tuple, data: tuple, unit: Unit, size: Optional[int]) -> tuple:
+        from harness.engines.stage import run_unit, strict_fp32
+
+        try:
+            with strict_fp32():
+                net, counter = self._model(model)
+                limit = BatchLimit()
+                limit.size = size
+                return "ok", run_unit(unit, net, counter, self._data(data), limit), limit.size, limit.retries
+        except Exception as e:  # the attack's own exception, as raised, for the driver to raise
+            return "err", _portable(e), None, 0
+
+    def forward(self, model: tuple, data: tuple, rows: Rows, size: Optional[int]) -> tuple:
+        from harness.engines.stage import forward_rows, strict_fp32
+
+        try:
+            with strict_fp32():
+                net, _ = self._model(model)
+                limit = BatchLimit()
+                limit.size = size
+                return "ok", forward_rows(net, self._data(data), torch.tensor(rows, dtype=torch.long), limit), limit.size, limit.retries
+        except Exception as e:
+            return "err", _portable(e), None, 0
+
+
+def _portable(e: Exception) -> Exception:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+
+
+def _versions() -> dict[str, str]:
+    """What must be the same on every node for a unit to give the same bits: the harness and torch."""
+    import harness
+
+    return {"harness": harness.__version__, "torch": str(torch.__version__)}
+
+
+_WORKER_CLASS: list = []
+
+
+def _worker_class(ray: Any) -> Any:
+    if not _WORKER_CLASS:
+        _WORKER_CLASS.append(ray.remote(max_restarts=0, max_task_retries=0)(_WorkerImpl))
+    return _WORKER_CLASS[0]
+
+
+class _Pool:
+    """The workers, and how many units each has outstanding. Thread-safe: every lane of the runner
+    takes workers from here."""
+
+    def __init__(self, ray: Any, count: int, options: dict[str, Any], init: tuple, in_flight: int = IN_FLIGHT) -> None:
+        self.ray, self.options, self.init, self.in_flight = ray, options, init, in_flight
+        self.cond = threading.Condition()
+        self.live: dict[int, Any] = {}  # worker id -> actor handle
+        self.load: dict[int, int] = {}
+        self.starting: dict[Any, tuple[int, Any]] = {}  # ping ref -> (id, actor)
+        self.lost = 0
+        self.replacements = count  # at most as many replacements as workers asked for
+        self._next = 0
+        self.info: dict[int, dict] = {}
+        self.since = time.monotonic()
+        for _ in range(count):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        actor = _worker_class(self.ray).options(**self.options).remote(*self.init)
+        self.starting[actor.ping.remote()] = (self._next, actor)
+        self._next += 1
+
+    def _promote(self) -> None:
+        """Workers whose first ping came back join the pool; one whose start failed fails the run."""
+        if not self.starting:
+            return
+        ready, _ = self.ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+        for ref in ready:
+            wid, actor = self.starting.pop(ref)
+            try:
+                self.info[wid] = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as e:
+                cause = getattr(e, "cause", None) or e
+                if self.live or self.starting:  # a replacement that could not start: the others carry on
+                    continue
+                raise RunFailed(f"no Ray worker could start: {' '.join(str(cause).split())[:300]}") from None
+            self.live[wid], self.load[wid] = actor, 0
+
+    def acquire(self, stop: threading.Event) -> tuple[int, Any]:
+        with self.cond:
+            while True:
+                if stop.is_set():
+                    raise Cancelled()
+                self._promote()
+                free = [w for w in self.live if self.load[w] < self.in_flight]
+                if free:
+                    w = min(free, key=lambda k: (self.load[k], k))
+                    self.load[w] += 1
+                    return w, self.live[w]
+                if not self.live:
+                    if not self.starting:
+                        raise RunFailed(f"every Ray worker was lost ({self.lost}) and none could replace them")
+                    if time.monotonic() - self.since > START_TIMEOUT_S:
+                        raise RunFailed(f"no Ray worker started within {START_TIMEOUT_S:.0f} s: does the cluster have the "
+                                        f"resources asked for ({self.options})?")
+                self.cond.wait(0.05)
+
+    def release(self, w: int) -> None:
+        with self.cond:
+            if w in self.load:
+                self.load[w] -= 1
+            self.cond.notify_all()
+
+    def died(self, w: int) -> None:
+        """Worker w (or its node) is gone: its outstanding units come back to their callers to resend."""
+        with self.cond:
+            actor = self.live.pop(w, None)
+            self.load.pop(w, None)
+            if actor is None:
+                return
+            self.lost += 1
+            self.since = time.monotonic()
+            try:
+                self.ray.kill(actor)
+            except Exception:
+                pass
+            if self.replacements > 0:
+                self.replacements -= 1
+                self._spawn()
+            self.cond.notify_all()
+
+    @property
+    def size(self) -> int:
+        with self.cond:
+            self._promote()
+            return len(self.live)
+
+    def close(self) -> None:
+        with self.cond:
+            for actor in [*self.live.values(), *(a for _, a in self.starting.values())]:
+                try:
+                    self.ray.kill(actor)
+                except Exception:
+                    pass
+            self.live, self.load, self.starting = {}, {}, {}
+
+
+class RayEngine:
+    """`harness.engines.base.Engine` on Ray actors.
+
+    address: None starts a local Ray on this machine; "auto" or "HOST:PORT" joins a running cluster
+    (an already initialized Ray in this process is used as it is). workers: how many actors
+    (default: one per GPU, or per `threads` CPUs when the cluster has no GPU or the run's device is
+    the CPU). gpus_per_worker: a GPU fraction per actor (0.5 puts two on each GPU). threads: torch
+    threads in each worker (default: the driver's, so results match the local engine bit for bit).
+    """
+
+    concurrency = 32  # lanes the runner may keep open at once: the pool, not the lanes, bounds the work in flight
+
+    def __init__(self, address: Optional[str] = None, workers: Optional[int] = None, gpus_per_worker: Optional[float] = None,
+                 threads: Optional[int] = None, in_flight: int = IN_FLIGHT) -> None:
+        if workers is not None and workers < 1:
+            raise BadInput("engine.workers", f"must be at least 1, got {workers}")
+        if gpus_per_worker is not None and not 0 < gpus_per_worker:
+            raise BadInput("engine.gpus_per_worker", f"must be positive, got {gpus_per_worker}")
+        if threads is not None and threads < 1:
+            raise BadInput("engine.threads", f"must be at least 1, got {threads}")
+        self.address, self.workers, self.gpus_per_worker, self.in_flight = address, workers, gpus_per_worker, in_flight
+        self.threads = threads or torch.get_num_threads()
+        self.limit = BatchLimit()
+        self._ray: Any = None
+        self._pool: Optional[_Pool] = None
+        self._owns_ray = False
+        self._stop = threading.Event()
+        self._model: Optional[tuple] = None
+        self._data_ref: Optional[tuple] = None
+        self._data_key: Optional[str] = None
+        self._code: Any = None
+        self._lock = threading.Lock()
+        self.retried = 0  # units resent after their worker was lost
+
+    # -- the workers ------------------------------------------------------------------------------
+
+    def _ensure_pool(self, devices: Sequence[torch.device], recipe: Any) -> _Pool:
+        if self._pool is not None:
+            return self._pool
+        ray = self._ray = require_ray()
+        self._owns_ray = _connect(ray, self.address)
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        cpu_only = all(d.type == "cpu" for d in devices) and self.gpus_per_worker is None
+        use_gpu = not cpu_only and (gpus > 0 or self.gpus_per_worker is not None)
+        if use_gpu:
+            per = self.gpus_per_worker or 1.0
+            if gpus < per:
+                raise BadInput("engine.gpus_per_worker", f"each worker asks for {per:g} GPU but the cluster has {gpus:g}")
+            count = self.workers or max(1, int(gpus // per))
+            options: dict[str, Any] = {"num_gpus": per, "num_cpus": min(1, self.threads)}
+        else:
+            cpus = float(ray.cluster_resources().get("CPU", 1))
+            count = self.workers or max(1, int(cpus // self.threads))
+            options = {"num_cpus": self.threads}
+        from harness.engines.recipes import code_dir
+
+        self._code = code_dir(recipe)
+        if self._code is not None:
+            options["runtime_env"] = {"working_dir": str(self._code)}
+        self._pool = _Pool(ray, count, options, (self.threads, "cuda" if use_gpu else "cpu", _versions()), self.in_flight)
+        return self._pool
+
+    @property
+    def size(self) -> int:
+        """Workers up now."""
+        return 0 if self._pool is None else self._pool.size
+
+    # -- the Engine protocol ----------------------------------------------------------------------
+
+    def start(self, model: torch.nn.Module, data: "Data", devices: Sequence[torch.device]) -> None:
+        from harness.engines.recipes import data_recipe, labels_digest, model_recipe
+
+        if not devices:
+            raise ValueError("an engine needs at least one device")
+        recipe = model_recipe(model)
+        pool = self._ensure_pool(devices, recipe)
+        self.limit = BatchLimit()
+        self._stop.clear()
+        self._model = (recipe.key, [pool.ray.put(recipe)])
+        key = labels_digest(data) + repr(getattr(data, "origin", None))
+        if key != self._data_key:
+            self._data_ref, self._data_key = (key[:24], [pool.ray.put(data_recipe(data))]), key
+
+    def update(self, model: torch.nn.Module) -> None:
+        from harness.engines.recipes import model_recipe
+
+        if self._pool is None:
+            raise RuntimeError("RayEngine.start() was not called")
+        recipe = model_recipe(model)
+        self._model = (recipe.key, [self._pool.ray.put(recipe)])
+
+    def fork(self) -> "RayEngine":
+        """Another engine on the same workers (a defended variant evaluated beside the model): its own
+        model, data and limit; closing it leaves the workers to this one."""
+        twin = RayEngine.__new__(RayEngine)
+        twin.__dict__.update(self.__dict__)
+        twin.limit, twin._stop, twin._lock, twin._owns_ray = BatchLimit(), threading.Event(), threading.Lock(), False
+        twin._model = twin._data_ref = twin._data_key = None
+        twin._forked = True
+        return twin
+
+    def cancel(self) -> None:
+        """Every call waiting on workers stops (the runner calls this when a lane fails or on Ctrl-C)."""
+        self._stop.set()
+
+    def _dispatch(self, items: Sequence[Any], method: str, on_done: Optional[Callable[[int, Any], None]]) -> list:
+        if self._pool is None or self._model is None:
+            raise RuntimeError("RayEngine.start() was not called")
+        pool, ray = self._pool, self._pool.ray
+        results: list = [None] * len(items)
+        pending = list(range(len(items)))[::-1]  # popped from the end: in order
+        attempts = [0] * len(items)
+        active: dict[Any, tuple[int, int]] = {}  # ref -> (item, worker)
+        lost_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
+                       getattr(ray.exceptions, "NodeDiedError", ray.exceptions.RayActorError),
+                       getattr(ray.exceptions, "ActorUnavailableError", ray.exceptions.RayActorError))
+        try:
+            while pending or active:
+                if self._stop.is_set():
+                    raise Cancelled()
+                while pending and len(active) < max(1, pool.in_flight * max(1, len(pool.live))):
+                    try:
+                        w, actor = pool.acquire(self._stop) if not active else self._try_acquire(pool)
+                    except _Busy:
+                        break
+                    i = pending.pop()
+                    ref = getattr(actor, method).remote(self._model, self._data_ref, items[i], self.limit.size)
+                    active[ref] = (i, w)
+                if not active:
+                    continue
+                ready, _ = ray.wait(list(active), num_returns=1, timeout=0.1)
+                for ref in ready:
+                    i, w = active.pop(ref)
+                    try:
+                        status, value, size, retries = ray.get(ref)
+                    except lost_errors as e:
+                        pool.died(w)
+                        attempts[i] += 1
+                        if attempts[i] >= MAX_ATTEMPTS:
+                            raise RunFailed(f"unit {i} lost its worker {attempts[i]} times; last: {type(e).__name__}") from None
+                        with self._lock:
+                            self.retried += 1
+                        pending.append(i)
+                        continue
+                    pool.release(w)
+                    if status == "err":
+                        raise value
+                    self._lowered(size, retries)
+                    results[i] = value
+                    if on_done is not None:
+                        on_done(i, value)
+        finally:
+            for ref, (_, w) in active.items():
+                pool.release(w)
+        return results
+
+    def _try_acquire(self, pool: _Pool) -> tuple[int, Any]:
+        with pool.cond:
+            pool._promote()
+            free = [w for w in pool.live if pool.load[w] < pool.in_flight]
+            if not free:
+                raise _Busy()
+            w = min(free, key=lambda k: (pool.load[k], k))
+            pool.load[w] += 1
+            return w, pool.live[w]
+
+    def _lowered(self, size: Optional[int], retries: int) -> None:
+        """A worker halved: the size it got down to holds for every later unit of the run."""
+        if retries:
+            with self.limit._lock:
+                self.limit.retries += retries
+                self.limit.size = size if self.limit.size is None else min(self.limit.size, size)
+
+    def forward(self, batches: Sequence[Rows], on_done: Optional[Callable[[int], None]] = None) -> list[torch.Tensor]:
+        done = None if on_done is None else (lambda i, _: on_done(i))
+        return self._dispatch(list(batches), "forward", done)
+
+    def run(self, units: Sequence[Unit], on_done: Optional[Callable[[int, UnitResult], None]] = None) -> list[UnitResult]:
+        return self._dispatch(list(units), "run", on_done)
+
+    def close(self) -> None:
+        self._model = self._data_ref = None
+        self._data_key = None
+        if getattr(self, "_forked", False):
+            return
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        if self._code is not None:
+            import shutil
+
+            shutil.rmtree(self._code, ignore_errors=True)
+            self._code = None
+        if self._owns_ray and self._ray is not None:
+            self._ray.shutdown()
+            self._owns_ray = False
+
+
+class _Busy(Exception):
+    pass
