@@ -168,3 +168,113 @@ def test_a_unit_is_checked_where_it_is_made():
         Unit(PGD(), "linf", 0.1, (0, 1), seed=0, batch_size=2, targets=(1,))
     with pytest.raises(ValueError, match="epsilon"):
         Unit(PGD(), "linf", -0.1, (0,), seed=0, batch_size=1)
+
+
+class Shuffled(LocalEngine):
+    """A local engine that takes work from many lanes at once and returns each call after a random
+    delay, so lanes finish in an order unrelated to the config's: the runner must put results (and
+    the cascade) together exactly as a sequential run does."""
+
+    concurrency = 8
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        import random
+
+        self.rng, self.lock, self.calls = random.Random(seed), threading.Lock(), 0
+
+    def run(self, units, on_done=None):
+        with self.lock:
+            delay = self.rng.random() * 0.05
+            self.calls += 1
+        time.sleep(delay)
+        with self.lock:  # one call at a time on the replicas: their query counters are per call
+            return super().run(units, on_done)
+
+
+LANES_SUITE = [  # two groups with cascades, a minimal attack judged in both l2 groups, a targeted attack, corruptions
+    {"name": "fgsm", "norm": "linf", "epsilons": [0.05, 0.1]},
+    {"name": "pgd", "norm": "linf", "epsilons": [0.1, 0.2], "params": {"steps": 5}},
+    {"name": "pgd", "id": "pgd-l2", "norm": "l2", "epsilons": [0.5, 1.0], "params": {"steps": 5}},
+    {"name": "deepfool", "norm": "l2", "epsilons": [0.5, 1.0]},
+    {"name": "pgd", "id": "pgd-t", "norm": "linf", "epsilons": [0.2], "targeted": True, "params": {"steps": 5}},
+    {"name": "corruptions", "kinds": ["gaussian-noise", "blur"], "severities": [1, 3]},
+]
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_lanes_run_side_by_side_give_the_sequential_evaluation(wrapped_digits, data, cascade):
+    from harness.config import Config
+    from harness.evaluation.runner import evaluate
+
+    attacks = Config.model_validate({"attacks": LANES_SUITE}).attacks
+    kw = dict(batch_size=24, seed=3, cascade=cascade, show_progress=False)
+    saved = []
+    base = evaluate(wrapped_digits, data, attacks, [torch.device("cpu")], **kw)
+    for seed in (0, 1):
+        engine = Shuffled(seed)
+        ev = evaluate(wrapped_digits, data, attacks, [torch.device("cpu")], engine=engine,
+                      on_result=lambda e: saved.append([r.unit for r in e.results]), **kw)
+        assert engine.calls > 10
+        assert [(r.subject, r.label) for r in ev.results] == [(r.subject, r.label) for r in base.results]
+        assert ev.metrics() == base.metrics()
+        for a, b in zip(ev.results, base.results):
+            assert torch.equal(a.robust, b.robust) and torch.equal(a.attacked, b.attacked) and torch.equal(a.broken, b.broken)
+            assert torch.equal(a.distance.nan_to_num(-1), b.distance.nan_to_num(-1))
+            assert (a.queries, a.gradients, a.violations) == (b.queries, b.gradients, b.violations)
+        assert [c["status"] for c in ev.checks] == [c["status"] for c in base.checks]
+    # every save saw results in config order (a prefix-free mix is fine, a shuffled one is not)
+    order = [r.unit for r in base.results]
+    assert all(units == sorted(units, key=order.index) for units in saved)
+
+
+def test_a_failing_lane_stops_the_others_and_its_error_reaches_the_caller(wrapped_digits, data):
+    from harness.config import Config
+    from harness.evaluation.runner import evaluate
+
+    class Failing(Shuffled):
+        def run(self, units, on_done=None):
+            if units and units[0].epsilon == 0.2 and units[0].norm == "linf":
+                raise ValueError("boom in one lane")
+            return super().run(units, on_done)
+
+    attacks = Config.model_validate({"attacks": LANES_SUITE}).attacks
+    with pytest.raises(ValueError, match="boom in one lane"):
+        evaluate(wrapped_digits, data, attacks, [torch.device("cpu")], batch_size=24, engine=Failing(0), show_progress=False)
+
+
+def test_the_engine_is_config_like_device_and_not_part_of_the_resume_fingerprint():
+    from harness.config import parse_config
+    from harness.core.errors import BadInput
+    from harness.pipeline.resume import fingerprint
+
+    assert parse_config({"engine": "ray"}).engine.name == "ray"
+    cfg = parse_config({"engine": {"name": "ray", "address": "auto", "workers": 2, "gpus_per_worker": 0.5}})
+    assert (cfg.engine.address, cfg.engine.workers, cfg.engine.gpus_per_worker) == ("auto", 2, 0.5)
+    assert parse_config({}).engine.name == "local"
+    with pytest.raises(BadInput, match="engine.name"):
+        parse_config({"engine": "spark"})
+    with pytest.raises(BadInput, match="address applies to the ray engine only"):
+        parse_config({"engine": {"address": "auto"}})
+    with pytest.raises(BadInput, match="engine.gpus_per_worker"):
+        parse_config({"engine": {"name": "ray", "gpus_per_worker": 0}})
+    local = parse_config({"device": "cpu"}).model_dump(mode="json")
+    ray = parse_config({"device": "auto", "engine": {"name": "ray", "workers": 3}}).model_dump(mode="json")
+    assert fingerprint(local, "m", "d", "v") == fingerprint(ray, "m", "d", "v")
+    assert fingerprint(local, "m", "d", "v") != fingerprint({**local, "seed": 1}, "m", "d", "v")
+
+
+def test_without_ray_the_ray_engine_is_exit_2_naming_the_pip_command(cli, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError, as on a machine without it
+    result = cli("run", "--engine", "ray", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == ("harness: error: engine: the Ray engine needs Ray, which is not installed: "
+                                                      "pip install 'robustgate[ray]'")
+    assert not (tmp_path / "out" / "scorecard.json").exists()
+
+
+def test_engine_options_without_the_ray_engine_are_exit_2(cli, tmp_path):
+    result = cli("run", "--address", "auto", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "address applies to the ray engine only" in result.stderr

@@ -56,10 +56,13 @@ def require_ray() -> Any:
     return ray
 
 
-def _connect(ray: Any, address: Optional[str]) -> bool:
+def _connect(ray: Any, address: Optional[str], code: Optional[Any] = None) -> bool:
     """Joins the cluster at `address` (or starts a local Ray when None); True when this call started
-    or joined it (and so should leave it at close). ray.init installs its own SIGTERM handler: the
-    caller's (the harness's: SIGTERM stops a run as Ctrl-C does) is put back after it."""
+    or joined it (and so should leave it at close). `code`, a directory holding the user's model
+    module, becomes the job's working directory on every worker (Ray's runtime environment; Ray
+    takes a local directory for the whole job only). ray.init installs its own SIGTERM handler: the
+    caller's (the harness's: SIGTERM stops a run as Ctrl-C does) is put back after it. A Ray this
+    process had already started is used as it is, with the runtime environment it was given."""
     if ray.is_initialized():
         return False
     import logging
@@ -69,6 +72,8 @@ def _connect(ray: Any, address: Optional[str]) -> bool:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if code is not None:
+        kwargs["runtime_env"] = {"working_dir": str(code)}
     if address is None:
         kwargs.update(address="local", include_dashboard=False)
     else:
@@ -105,7 +110,7 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
 class _WorkerImpl:
     """One Ray actor: builds models and data from recipes (cached by key) and runs units on them."""
 
-    def __init__(self, threads: int, device: str, versions: dict[str, str]) -> None:
+    def __init__(self, threads: int, device: str, versions: dict[str, str], shipped: bool = False) -> None:
         mine = _versions()
         if mine != versions:
             raise RuntimeError(f"this node has {mine}, the driver {versions}: install the same versions on every node")
@@ -113,6 +118,9 @@ class _WorkerImpl:
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("a GPU worker found no CUDA device")
         self.device = torch.device(device)
+        # the model's module came in the runtime environment: import it from there (the working
+        # directory), not from the driver's config directory, which this node may not have
+        self.base = __import__("pathlib").Path.cwd() if shipped else None
         self.models: dict[str, Any] = {}
         self.data: dict[str, Any] = {}
 
@@ -134,7 +142,7 @@ class _WorkerImpl:
         if key not in self.models:
             if len(self.models) >= 4:  # a run's variants one after another: keep the newest few
                 self.models.pop(next(iter(self.models)))
-            model = build_model(ray.get(box[0])).to(self.device)
+            model = build_model(ray.get(box[0]), self.base).to(self.device)
             self.models[key] = (model, Counting(model))
         return self.models[key]
 
@@ -336,8 +344,12 @@ class RayEngine:
     def _ensure_pool(self, devices: Sequence[torch.device], recipe: Any) -> _Pool:
         if self._pool is not None:
             return self._pool
+        from harness.engines.recipes import code_dir
+
         ray = self._ray = require_ray()
-        self._owns_ray = _connect(ray, self.address)
+        self._code = code_dir(recipe)
+        self._owns_ray = _connect(ray, self.address, self._code)
+        shipped = self._owns_ray and self._code is not None
         gpus = float(ray.cluster_resources().get("GPU", 0))
         cpu_only = all(d.type == "cpu" for d in devices) and self.gpus_per_worker is None
         use_gpu = not cpu_only and (gpus > 0 or self.gpus_per_worker is not None)
@@ -351,12 +363,7 @@ class RayEngine:
             cpus = float(ray.cluster_resources().get("CPU", 1))
             count = self.workers or max(1, int(cpus // self.threads))
             options = {"num_cpus": self.threads}
-        from harness.engines.recipes import code_dir
-
-        self._code = code_dir(recipe)
-        if self._code is not None:
-            options["runtime_env"] = {"working_dir": str(self._code)}
-        self._pool = _Pool(ray, count, options, (self.threads, "cuda" if use_gpu else "cpu", _versions()), self.in_flight)
+        self._pool = _Pool(ray, count, options, (self.threads, "cuda" if use_gpu else "cpu", _versions(), shipped), self.in_flight)
         return self._pool
 
     @property

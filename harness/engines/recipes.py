@@ -97,8 +97,9 @@ def model_recipe(model: torch.nn.Module) -> ModelRecipe:
                        weights=_weights_bytes(model.net), sha256=sha, outputs_probabilities=bool(model.outputs_probabilities))
 
 
-def _architecture(recipe: ModelRecipe) -> torch.nn.Module:
-    """The network from its source, before its weights: the builtin model is not retrained here."""
+def _architecture(recipe: ModelRecipe, base: Optional[Path] = None) -> torch.nn.Module:
+    """The network from its source, before its weights: the builtin model is not retrained here.
+    `base` replaces the recipe's directory (a worker whose copy of the module sits elsewhere)."""
     from harness.sources.models import MODELS, _scheme
 
     if recipe.source == "builtin:digits-cnn":
@@ -106,10 +107,10 @@ def _architecture(recipe: ModelRecipe) -> torch.nn.Module:
 
         return DigitsCNN()
     scheme, arg = _scheme(recipe.source)
-    return MODELS.get(scheme)(arg, recipe.num_classes, dict(recipe.kwargs), Path(recipe.base))
+    return MODELS.get(scheme)(arg, recipe.num_classes, dict(recipe.kwargs), base or Path(recipe.base))
 
 
-def build_model(recipe: ModelRecipe) -> torch.nn.Module:
+def build_model(recipe: ModelRecipe, base: Optional[Path] = None) -> torch.nn.Module:
     """In the worker: the model the recipe names, its weights verified against the recorded sha256."""
     from safetensors.torch import load
 
@@ -118,8 +119,8 @@ def build_model(recipe: ModelRecipe) -> torch.nn.Module:
 
     if recipe.inner is not None:
         defense, mode, eot, seed = recipe.wrapper
-        return defended(build_model(recipe.inner), defense, mode, eot=eot, seed=seed)
-    net = _architecture(recipe)
+        return defended(build_model(recipe.inner, base), defense, mode, eot=eot, seed=seed)
+    net = _architecture(recipe, base)
     try:
         net.load_state_dict(load(recipe.weights), strict=True)
     except RuntimeError as e:
@@ -135,7 +136,7 @@ def build_model(recipe: ModelRecipe) -> torch.nn.Module:
 def code_dir(recipe: ModelRecipe) -> Optional[Path]:
     """For a python: source whose module lives beside the config or in the working directory: a fresh
     directory holding a copy of its top-level module or package, for Ray's runtime environment to
-    ship to the workers (it becomes their working directory, where the factory's import looks).
+    ship to the workers (it becomes their working directory, where the factory's import looks first).
     None when there is nothing to ship (an installed package, or another source)."""
     while recipe.inner is not None:
         recipe = recipe.inner
