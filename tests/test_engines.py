@@ -278,3 +278,20 @@ def test_without_ray_the_ray_engine_is_exit_2_naming_the_pip_command(cli, monkey
 def test_engine_options_without_the_ray_engine_are_exit_2(cli, tmp_path):
     result = cli("run", "--address", "auto", "--out", str(tmp_path / "out"))
     assert result.exit_code == 2 and "address applies to the ray engine only" in result.stderr
+
+
+@pytest.mark.parametrize("override", [{"seed": 4}, {"device": "cpu"}, {"engine": {"name": "ray", "workers": 2}}])
+def test_an_override_keeps_what_the_config_left_unsaid(override):
+    """--seed, --device or --engine re-validate the config: keys it did not write stay unwritten, so a
+    partial `train:` over the builtin recipe is still that recipe (it once became the generic one)."""
+    from harness.config import train_plan
+    from harness.pipeline.context import RunContext, RunRequest
+    from harness.pipeline.resolve import resolve
+
+    raw = {"name": "p", "train": {"epochs": 2, "data": {"limit": 400}}, "attacks": [],
+           "probes": [{"name": "label-flip", "fractions": [0.1]}]}
+    plain = resolve(RunContext(RunRequest(raw))).cfg
+    overridden = resolve(RunContext(RunRequest(raw, **override))).cfg
+    assert train_plan(overridden) == train_plan(plain)
+    assert train_plan(plain).optimizer.name == "adam"  # the builtin recipe's, not the generic default
+    assert overridden.model_dump(exclude={"seed", "device", "engine"}) == plain.model_dump(exclude={"seed", "device", "engine"})

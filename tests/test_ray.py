@@ -215,3 +215,24 @@ def test_sigterm_stops_a_ray_run_with_exit_3_and_resume_continues_it(local_ray, 
     assert sum(a.get("resumed", False) for a in card["attacks"]) == finished
     whole = harness.run({**SLOW, "engine": "local"}, show_progress=False)
     assert card["metrics"] == whole.metrics
+
+
+POISON = {
+    "name": "ray-poison", "device": "cpu", "seed": 2,
+    "data": {"source": "builtin:digits", "limit": 120, "batch_size": 40},
+    "train": {"epochs": 6, "data": {"limit": 400}},
+    "attacks": [],
+    "probes": [{"name": "badnets", "fractions": [0.02, 0.1], "target": 0, "size": 3, "scans": ["activation-clustering"]},
+               {"name": "label-flip", "fractions": [0.1], "mode": "random"}],
+}
+
+
+def test_poisoning_fractions_train_side_by_side_on_the_workers_with_the_local_answer(local_ray, tmp_path):
+    local = harness.run(POISON, out=tmp_path / "local", show_progress=False)
+    remote = harness.run(POISON, out=tmp_path / "ray", show_progress=False, engine={"name": "ray", "workers": 2})
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert strip(remote.record["probes"]) == strip(local.record["probes"]) and len(remote.record["probes"]) == 3
+    assert remote.metrics == local.metrics
+    assert remote.metrics["attack_success_rate:badnets@0.1"] > 0.5 and remote.metrics["clean_accuracy:badnets@0.1"] > 0.6  # trained models, not empty ones
+    for rel in ("scans/badnets@0.02-activation-clustering.json", "scans/badnets@0.1-activation-clustering.json"):
+        assert (tmp_path / "ray" / rel).read_text() == (tmp_path / "local" / rel).read_text()  # written by the driver

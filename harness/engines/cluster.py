@@ -153,7 +153,9 @@ class _WorkerImpl:
 
         key, box = ref
         if key not in self.data:
-            self.data = {key: build_data(ray.get(box[0]))}
+            if len(self.data) >= 3:  # the run's test data, a probe's training data: keep the newest few
+                self.data.pop(next(iter(self.data)))
+            self.data[key] = build_data(ray.get(box[0]))
         return self.data[key]
 
     def run(self, model: tuple, data: tuple, unit: Unit, size: Optional[int]) -> tuple:
@@ -168,6 +170,14 @@ class _WorkerImpl:
         except Exception as e:  # the attack's own exception, as raised, for the driver to raise
             return "err", _portable(e), None, 0
 
+    def call(self, fn: Callable[..., Any], args: tuple) -> tuple:
+        """fn(view, *args) here: a job of the harness's own (a poisoning fraction) with the worker's
+        models and data at hand (`_View`)."""
+        try:
+            return "ok", fn(_View(self), *args), None, 0
+        except Exception as e:
+            return "err", _portable(e), None, 0
+
     def forward(self, model: tuple, data: tuple, rows: Rows, size: Optional[int]) -> tuple:
         from harness.engines.stage import forward_rows, strict_fp32
 
@@ -179,6 +189,24 @@ class _WorkerImpl:
                 return "ok", forward_rows(net, self._data(data), torch.tensor(rows, dtype=torch.long), limit), limit.size, limit.retries
         except Exception as e:
             return "err", _portable(e), None, 0
+
+
+class _View:
+    """What a job sees of its worker: the device, the data and fresh models built from shared recipes."""
+
+    def __init__(self, worker: _WorkerImpl) -> None:
+        self._worker, self.device = worker, worker.device
+
+    def data(self, ref: tuple) -> Any:
+        return self._worker._data(ref)
+
+    def fresh_model(self, ref: tuple) -> torch.nn.Module:
+        """A new model from the recipe every call (a job may train it in place)."""
+        import ray
+
+        from harness.engines.recipes import build_model
+
+        return build_model(ray.get(ref[1][0]), self._worker.base).to(self.device)
 
 
 def _portable(e: Exception) -> Exception:
@@ -410,7 +438,7 @@ class RayEngine:
         self._stop.set()
 
     def _dispatch(self, items: Sequence[Any], method: str, on_done: Optional[Callable[[int, Any], None]]) -> list:
-        if self._pool is None or self._model is None:
+        if self._pool is None or (self._model is None and method != "call"):
             raise RuntimeError("RayEngine.start() was not called")
         pool, ray = self._pool, self._pool.ray
         results: list = [None] * len(items)
@@ -430,7 +458,10 @@ class RayEngine:
                     except _Busy:
                         break
                     i = pending.pop()
-                    ref = getattr(actor, method).remote(self._model, self._data_ref, items[i], self.limit.size)
+                    if method == "call":
+                        ref = actor.call.remote(*items[i])
+                    else:
+                        ref = getattr(actor, method).remote(self._model, self._data_ref, items[i], self.limit.size)
                     active[ref] = (i, w)
                 if not active:
                     continue
@@ -476,6 +507,36 @@ class RayEngine:
             with self.limit._lock:
                 self.limit.retries += retries
                 self.limit.size = size if self.limit.size is None else min(self.limit.size, size)
+
+    def share_model(self, model: torch.nn.Module) -> tuple:
+        """A model's recipe in the object store, for jobs that build it afresh (`map`)."""
+        from harness.engines.recipes import model_recipe
+
+        recipe = model_recipe(model)
+        return recipe.key, [self._pool_for(model).ray.put(recipe)]
+
+    def share_data(self, data: "Data") -> tuple:
+        """A sample source's recipe in the object store, read by jobs through `view.data(ref)`."""
+        from harness.engines.recipes import data_recipe, labels_digest
+
+        pool = self._pool_for(None)
+        return (labels_digest(data) + repr(getattr(data, "origin", None)))[:24], [pool.ray.put(data_recipe(data))]
+
+    def _pool_for(self, model: Optional[torch.nn.Module]) -> _Pool:
+        if self._pool is None:
+            from harness.engines.recipes import model_recipe
+
+            if model is None:
+                raise RuntimeError("RayEngine: share a model (or start) before sharing data")
+            self._ensure_pool([torch.device("cpu")], model_recipe(model))
+        return self._pool
+
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], on_done: Optional[Callable[[int, Any], None]] = None) -> list:
+        """fn(view, *job) for every job, spread over the workers; results in job order, `on_done(i,
+        result)` as each returns. `fn` is a module-level function of the harness (Ray sends it by
+        name); `view` gives the worker's `device`, `data(ref)` and `fresh_model(ref)` for refs from
+        share_data and share_model. A job whose worker is lost is run again elsewhere."""
+        return self._dispatch([(fn, tuple(job)) for job in jobs], "call", on_done)
 
     def forward(self, batches: Sequence[Rows], on_done: Optional[Callable[[int], None]] = None) -> list[torch.Tensor]:
         done = None if on_done is None else (lambda i, _: on_done(i))

@@ -108,15 +108,27 @@ class Counting(torch.nn.Module):
         return out
 
 
+_FP32 = threading.Lock()
+_fp32 = {"users": 0, "saved": (True, True)}  # evaluations in this process holding TF32 off, and the flags found
+
+
 @contextlib.contextmanager
 def strict_fp32() -> Iterator[None]:
-    """TF32 off while evaluating: a re-scored prediction must not flip on reduced-precision math."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """TF32 off while evaluating: a re-scored prediction must not flip on reduced-precision math.
+    The flags are process-wide: with evaluations side by side (defended variants on their own
+    threads), the first to enter saves them and the last to leave puts them back."""
+    with _FP32:
+        if _fp32["users"] == 0:
+            _fp32["saved"] = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        _fp32["users"] += 1
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        with _FP32:
+            _fp32["users"] -= 1
+            if _fp32["users"] == 0:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _fp32["saved"]
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -85,15 +85,53 @@ def _whole(data) -> torch.Tensor:
     return data.read(slice(None))
 
 
+def _check_fractions(i: int, entry, probe, train) -> None:
+    most = probe.max_fraction(train.y) if hasattr(probe, "max_fraction") else 1.0
+    over = [f.label for f in entry.fractions if f.value > most]
+    if over:
+        raise BadInput(f"probes[{i}].fractions", f"{entry.name} can poison at most {most:.4f} of this training set "
+                       f"({len(train)} samples), not {', '.join(over)}")
+
+
+def _spread(cfg, engine, test, train_loader, make_model, num_classes: int, out: Optional[Path], done: dict[str, dict],
+            emit: Callable[[str, dict], None]) -> tuple[dict[str, tuple], Any]:
+    """Every unfinished poisoning fraction (each a training run, independent of the others) as a job on
+    the engine's workers, all at once; each is written and saved as it returns. Returns the finished
+    ones by unit, and the training data if it was loaded."""
+    pending = [(i, entry, f) for i, entry in enumerate(cfg.probes) if entry.name not in SCANS
+               for f in entry.fractions if f"probe|{i}|{entry.probe_id}|{f.label}" not in done]
+    if not pending:
+        return {}, None
+    train = train_loader()
+    for i in dict.fromkeys(i for i, _, _ in pending):
+        _check_fractions(i, cfg.probes[i], cfg.probes[i].build(), train)
+    model_ref, train_ref, test_ref = engine.share_model(make_model(False)), engine.share_data(train), engine.share_data(test)
+    units = [f"probe|{i}|{entry.probe_id}|{f.label}" for i, entry, f in pending]
+    computed: dict[str, tuple] = {}
+
+    def finished(k: int, result: tuple) -> None:
+        computed[units[k]] = result
+        _write_scans(out, result[1])
+        emit(units[k], result[0])
+
+    engine.map(fraction_job, [(cfg, i, f.label, model_ref, train_ref, test_ref, num_classes) for i, _, f in pending], on_done=finished)
+    return computed, train
+
+
 def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_model: Callable[[bool], Any], device, out: Optional[Path],
-                    done: dict[str, dict], emit: Callable[[str, dict], None]) -> tuple[list[dict], dict[str, float]]:
+                    done: dict[str, dict], emit: Callable[[str, dict], None], engine: Any = None) -> tuple[list[dict], dict[str, float]]:
     """Every `probes:` entry: (scorecard records, metrics). `train_loader()` gives the training Data,
     `make_model(fine_tune)` a model to poison-train (the config's weights, or freshly initialized);
-    units in `done` (a resumed run) are reused; `emit(unit, record)` saves each as it finishes."""
+    units in `done` (a resumed run) are reused; `emit(unit, record)` saves each as it finishes. On an
+    engine with workers (one that can `map` jobs: Ray), the poisoning fractions train side by side
+    there, each as `fraction_job`; scans run here."""
     records: list[dict] = []
     metrics: dict[str, float] = {}
     train = None
     num_classes = int(max(int(test.y.max()), 0) + 1)
+    computed: dict[str, tuple] = {}
+    if hasattr(engine, "map"):
+        computed, train = _spread(cfg, engine, test, train_loader, make_model, num_classes, out, done, emit)
     for i, entry in enumerate(cfg.probes):
         if entry.name in SCANS:
             unit = f"probe|{i}|{entry.probe_id}"
@@ -123,74 +161,97 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
             metrics.update(rec["metrics"])
             continue
         probe = entry.build()
-        fine_tune = bool(getattr(probe, "fine_tune", False))
         if any(f"probe|{i}|{entry.probe_id}|{f.label}" not in done for f in entry.fractions):
             train = train if train is not None else train_loader()
-            most = probe.max_fraction(train.y) if hasattr(probe, "max_fraction") else 1.0
-            over = [f.label for f in entry.fractions if f.value > most]
-            if over:
-                raise BadInput(f"probes[{i}].fractions", f"{entry.name} can poison at most {most:.4f} of this training set "
-                               f"({len(train)} samples), not {', '.join(over)}")
+            _check_fractions(i, entry, probe, train)
         for f in entry.fractions:
             unit = f"probe|{i}|{entry.probe_id}|{f.label}"
             rec = done.get(unit)
             if rec is None:
-                from harness.config.train import train_plan
-
-                train = train if train is not None else train_loader()
-                t0 = time.perf_counter()
-                plan = train_plan(cfg)
-                res = probe.run(lambda: make_model(fine_tune), (_whole(train), train.y), (_whole(test), test.y), f.value, plan,
-                                device, plan.seed if plan.seed is not None else cfg.seed)
-                rec = {"id": entry.probe_id, "name": entry.name, "kind": "probe", "fraction": f.label, "fraction_value": f.value,
-                       **{k: _plain(_rounded(getattr(res, k))) for k in ("attack_success_rate", "clean_accuracy", "clean_accuracy_baseline",
-                                                                         "n_poisoned", "target") if hasattr(res, k)},
-                       "n_test": len(test),
-                       "n_triggered": int((test.y != int(res.target)).sum()) if getattr(res, "target", None) is not None else 0,
-                       "seconds": round(time.perf_counter() - t0, 3), "scans": []}
-                ms = {metric_id("clean_accuracy", entry.probe_id, f.label): rec["clean_accuracy"]}
-                if rec.get("attack_success_rate") is not None:
-                    ms[metric_id("attack_success_rate", entry.probe_id, f.label)] = rec["attack_success_rate"]
-                intervals: dict[str, dict] = {}
-                if entry.name == "label-flip" and rec.get("clean_accuracy_baseline") is not None:
-                    cost = metric_id("clean_accuracy_cost", entry.probe_id, f.label)
-                    ms[cost] = rec["clean_accuracy_baseline"] - rec["clean_accuracy"]
-                    intervals[cost] = _paired_cost(getattr(res, "discordant", None), len(test))
-                    rec["n_discordant"] = list(res.discordant) if getattr(res, "discordant", None) is not None else None
-                poisoned_x, poisoned_y = getattr(res, "poisoned_train", None) or (_whole(train), train.y)
-                for scan in entry.scans:
-                    subject = f"{entry.probe_id}/{scan}"
-                    if scan == "neural-cleanse":
-                        nc = _neural_cleanse(res.model, _whole(test).to(device), test.y.to(device), num_classes, {})
-                        rec["scans"].append({"scan": scan, **_plain(nc)})
-                        ms[metric_id("anomaly_index", subject, f.label)] = nc.get("anomaly_index")
-                        intervals[metric_id("anomaly_index", subject, f.label)] = _point(ANOMALY_WHY)
-                    else:
-                        planted = [int(j) for j in getattr(res, "poisoned_ids", [])]
-                        knobs = {}
-                        if scan == "spectral-signatures" and planted:  # the paper's protocol: eps is the poisoned share of the class
-                            in_target = int((poisoned_y == int(res.target)).sum()) if getattr(res, "target", None) is not None else 0
-                            knobs["eps"] = min(1.0, len(planted) / in_target) if in_target else 0.05
-                        report = _scan_training_set(scan, res.model, poisoned_x.to(device), poisoned_y.to(device), planted, knobs)
-                        flagged_ids = [int(j) for j in report.get("flagged_ids", [])]
-                        if out is not None:
-                            scans_module().write_flagged(Path(out) / "scans" / f"{entry.probe_id}@{f.label}-{scan}.json", flagged_ids, scan=scan)
-                        rec["scans"].append({"scan": scan, **{k: _plain(v) for k, v in report.items() if k != "flagged_ids"},
-                                             "flagged_file": f"scans/{entry.probe_id}@{f.label}-{scan}.json"})
-                        ms[metric_id("scan_precision", subject, f.label)] = report.get("precision")
-                        ms[metric_id("scan_recall", subject, f.label)] = report.get("recall")
-                        hits = int(report.get("true_positives", 0))
-                        intervals[metric_id("scan_precision", subject, f.label)] = _wilson(hits, int(report["n_flagged"]))
-                        intervals[metric_id("scan_recall", subject, f.label)] = _wilson(hits, int(report.get("n_poisoned", 0)))
-                if all(hasattr(probe, k) for k in ("size", "position", "pattern")):
-                    from harness.attacks.poisoning import trigger_image
-
-                    rec["trigger_pixels"] = _pixels(trigger_image(tuple(test.shape), probe.size, probe.position, probe.pattern))
-                rec["metrics"], rec["metric_intervals"] = ms, intervals
-                emit(unit, rec)
+                train = train if train is not None or unit in computed else train_loader()
+                rec, files = computed[unit] if unit in computed else fraction_record(cfg, i, entry, probe, f, train, test, make_model,
+                                                                                     device, num_classes)
+                if unit not in computed:
+                    _write_scans(out, files)
+                    emit(unit, rec)
             records.append(rec)
             metrics.update(rec["metrics"])
     return records, {k: v for k, v in metrics.items() if v is not None}
+
+
+def fraction_record(cfg, i: int, entry, probe, f, train, test, make_model: Callable[[bool], Any], device,
+                    num_classes: int) -> tuple[dict[str, Any], list[tuple[str, list[int], str]]]:
+    """One fraction of a poisoning probe: poison, train, measure, scan. Returns its record and the
+    scan files to write beside the scorecard ((relative path, flagged ids, scan)): the caller writes
+    them, since this may run on a worker that does not see the output directory."""
+    fine_tune = bool(getattr(probe, "fine_tune", False))
+    files: list[tuple[str, list[int], str]] = []
+    from harness.config.train import train_plan
+
+    t0 = time.perf_counter()
+    plan = train_plan(cfg)
+    res = probe.run(lambda: make_model(fine_tune), (_whole(train), train.y), (_whole(test), test.y), f.value, plan,
+                    device, plan.seed if plan.seed is not None else cfg.seed)
+    rec = {"id": entry.probe_id, "name": entry.name, "kind": "probe", "fraction": f.label, "fraction_value": f.value,
+           **{k: _plain(_rounded(getattr(res, k))) for k in ("attack_success_rate", "clean_accuracy", "clean_accuracy_baseline",
+                                                             "n_poisoned", "target") if hasattr(res, k)},
+           "n_test": len(test),
+           "n_triggered": int((test.y != int(res.target)).sum()) if getattr(res, "target", None) is not None else 0,
+           "seconds": round(time.perf_counter() - t0, 3), "scans": []}
+    ms = {metric_id("clean_accuracy", entry.probe_id, f.label): rec["clean_accuracy"]}
+    if rec.get("attack_success_rate") is not None:
+        ms[metric_id("attack_success_rate", entry.probe_id, f.label)] = rec["attack_success_rate"]
+    intervals: dict[str, dict] = {}
+    if entry.name == "label-flip" and rec.get("clean_accuracy_baseline") is not None:
+        cost = metric_id("clean_accuracy_cost", entry.probe_id, f.label)
+        ms[cost] = rec["clean_accuracy_baseline"] - rec["clean_accuracy"]
+        intervals[cost] = _paired_cost(getattr(res, "discordant", None), len(test))
+        rec["n_discordant"] = list(res.discordant) if getattr(res, "discordant", None) is not None else None
+    poisoned_x, poisoned_y = getattr(res, "poisoned_train", None) or (_whole(train), train.y)
+    for scan in entry.scans:
+        subject = f"{entry.probe_id}/{scan}"
+        if scan == "neural-cleanse":
+            nc = _neural_cleanse(res.model, _whole(test).to(device), test.y.to(device), num_classes, {})
+            rec["scans"].append({"scan": scan, **_plain(nc)})
+            ms[metric_id("anomaly_index", subject, f.label)] = nc.get("anomaly_index")
+            intervals[metric_id("anomaly_index", subject, f.label)] = _point(ANOMALY_WHY)
+        else:
+            planted = [int(j) for j in getattr(res, "poisoned_ids", [])]
+            knobs = {}
+            if scan == "spectral-signatures" and planted:  # the paper's protocol: eps is the poisoned share of the class
+                in_target = int((poisoned_y == int(res.target)).sum()) if getattr(res, "target", None) is not None else 0
+                knobs["eps"] = min(1.0, len(planted) / in_target) if in_target else 0.05
+            report = _scan_training_set(scan, res.model, poisoned_x.to(device), poisoned_y.to(device), planted, knobs)
+            flagged_ids = [int(j) for j in report.get("flagged_ids", [])]
+            files.append((f"scans/{entry.probe_id}@{f.label}-{scan}.json", flagged_ids, scan))
+            rec["scans"].append({"scan": scan, **{k: _plain(v) for k, v in report.items() if k != "flagged_ids"},
+                                 "flagged_file": f"scans/{entry.probe_id}@{f.label}-{scan}.json"})
+            ms[metric_id("scan_precision", subject, f.label)] = report.get("precision")
+            ms[metric_id("scan_recall", subject, f.label)] = report.get("recall")
+            hits = int(report.get("true_positives", 0))
+            intervals[metric_id("scan_precision", subject, f.label)] = _wilson(hits, int(report["n_flagged"]))
+            intervals[metric_id("scan_recall", subject, f.label)] = _wilson(hits, int(report.get("n_poisoned", 0)))
+    if all(hasattr(probe, k) for k in ("size", "position", "pattern")):
+        from harness.attacks.poisoning import trigger_image
+
+        rec["trigger_pixels"] = _pixels(trigger_image(tuple(test.shape), probe.size, probe.position, probe.pattern))
+    rec["metrics"], rec["metric_intervals"] = ms, intervals
+    return rec, files
+
+
+def fraction_job(worker: Any, cfg, i: int, label: str, model_ref: Any, train_ref: Any, test_ref: Any, num_classes: int) -> tuple:
+    """fraction_record on an engine's worker (harness.engines.cluster.RayEngine.map): the model,
+    training and test data rebuilt there from their recipes; a fresh model for every training."""
+    entry = cfg.probes[i]
+    f = next(f for f in entry.fractions if f.label == label)
+    return fraction_record(cfg, i, entry, entry.build(), f, worker.data(train_ref), worker.data(test_ref),
+                           lambda fine_tune: worker.fresh_model(model_ref), worker.device, num_classes)
+
+
+def _write_scans(out: Optional[Path], files: list[tuple[str, list[int], str]]) -> None:
+    if out is not None:
+        for rel, ids, scan in files:
+            scans_module().write_flagged(Path(out) / rel, ids, scan=scan)
 
 
 ANOMALY_WHY = ("the anomaly index is one class's distance from the median reversed-trigger norm over the model's classes, "

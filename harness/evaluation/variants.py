@@ -232,15 +232,38 @@ def _detector_budget(prefix: str, rec: dict[str, Any]) -> dict[str, str]:
                   "inside its budget and the [0, 1] bounds, and its prediction was re-scored")
 
 
+def _variants(cfg, base_model, load_variant: Callable[[str], Any]) -> list[tuple[Any, str]]:
+    """(model, label) of every variant the suite runs on, in config order: a trained defense's weights,
+    and each preprocessing defense naive then adaptive. Detectors are judged otherwise."""
+    from harness.defenses.preprocess import defended
+
+    out = []
+    for entry in cfg.defenses:
+        defense = entry.build()
+        kind = defense_kind(defense)
+        if kind == "trained":
+            out.append((load_variant(entry.weights), entry.defense_id))
+        elif kind == "preprocessing":
+            out += [(defended(base_model, defense, mode, eot=entry.eot, seed=cfg.seed), entry.defense_id if mode == "adaptive"
+                     else f"{entry.defense_id}-naive") for mode in ("naive", "adaptive")]
+    return out
+
+
 def evaluate_defenses(cfg, base_model, data, devices, base_ev, run_suite: Callable[..., Any],
-                      load_variant: Callable[[str], Any]) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, str]]]:
+                      load_variant: Callable[[str], Any],
+                      run_many: Optional[Callable[[list[tuple[Any, str]]], list[Any]]] = None,
+                      ) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, str]]]:
     """Every `defenses:` entry: (scorecard records, metrics, checks).
 
     `run_suite(model, label)` runs the config's attack suite on a model over the same data and
-    returns its Evaluation; `load_variant(weights)` loads the config's model with other weights.
+    returns its Evaluation; `load_variant(weights)` loads the config's model with other weights;
+    `run_many(variants)` (default: run_suite on each in turn) runs the suite on every (model, label)
+    and returns their Evaluations in the same order: an engine with workers to spare runs them side
+    by side. The variants share nothing but the data, so the order they run in changes no result.
     """
-    from harness.defenses.preprocess import defended
-
+    variants = _variants(cfg, base_model, load_variant)
+    evaluations = (run_many or (lambda vs: [run_suite(m, label) for m, label in vs]))(variants)
+    by_label = {label: ev for (_, label), ev in zip(variants, evaluations)}
     base_metrics = base_ev.metrics()
     records: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
@@ -250,14 +273,14 @@ def evaluate_defenses(cfg, base_model, data, devices, base_ev, run_suite: Callab
         kind = defense_kind(defense)
         prefix = entry.defense_id
         if kind == "trained":
-            ev = run_suite(load_variant(entry.weights), prefix)
+            ev = by_label[prefix]
             records.append(_variant_record(entry, kind, None, prefix, ev, base_metrics))
             metrics.update(_prefixed(ev.metrics(), prefix))
             checks += [{**c, "name": f"{prefix}: {c['name']}"} for c in ev.checks]
         elif kind == "preprocessing":
             for mode in ("naive", "adaptive"):
                 label = prefix if mode == "adaptive" else f"{prefix}-naive"
-                ev = run_suite(defended(base_model, defense, mode, eot=entry.eot, seed=cfg.seed), label)
+                ev = by_label[label]
                 records.append(_variant_record(entry, kind, mode, label, ev, base_metrics))
                 metrics.update(_prefixed(ev.metrics(), label))
                 if mode == "naive":

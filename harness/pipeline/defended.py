@@ -14,6 +14,31 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["defended"]
 
 
+def _side_by_side(ctx: RunContext, variants: list) -> list:
+    """The suite on every variant: one after another on the local engine; on an engine that can fork
+    (Ray: the same workers, each variant its own model), all at once, each on a driver thread."""
+    from harness.pipeline.suite import evaluate_suite
+
+    engine = getattr(ctx, "engine", None)
+    if len(variants) <= 1 or not hasattr(engine, "fork"):
+        return [evaluate_suite(ctx, model, label) for model, label in variants]
+    from concurrent.futures import ThreadPoolExecutor
+
+    forks = [engine.fork() for _ in variants]
+    try:
+        with ThreadPoolExecutor(max_workers=len(variants), thread_name_prefix="harness-variant") as pool:
+            futures = [pool.submit(evaluate_suite, ctx, model, label, engine=fork) for (model, label), fork in zip(variants, forks)]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for fork in forks:
+                    fork.cancel()
+                raise
+    finally:
+        for fork in forks:
+            fork.close()
+
+
 def defended(ctx: RunContext) -> RunContext:
     ctx.defended = None
     if not ctx.cfg.defenses:
@@ -24,7 +49,7 @@ def defended(ctx: RunContext) -> RunContext:
 
     try:
         ctx.defended = evaluate_defenses(ctx.cfg, ctx.model, ctx.data, ctx.devices, ctx.evaluation,
-                                         partial(evaluate_suite, ctx), partial(configured_model, ctx))
+                                         partial(evaluate_suite, ctx), partial(configured_model, ctx), partial(_side_by_side, ctx))
     except (BadInput, RunFailed):
         raise
     except KeyboardInterrupt:

@@ -35,9 +35,13 @@ def resolve(ctx: RunContext) -> RunContext:
     cfg, ctx.base, ctx.label = resolve_config(req.config)
     engine = req.engine if isinstance(req.engine, (str, dict)) else None
     if req.seed is not None or req.device is not None or engine is not None:  # validated again: an override is config too
-        raw = cfg.model_dump(mode="json")
+        # only the keys the config gave: a dump of every default would read as if each had been written
+        # out, and a partial `train:` over the builtin recipe would become the generic recipe
+        raw = cfg.model_dump(mode="json", exclude_unset=True)
+        raw.setdefault("engine", {"name": "local"})
         if isinstance(engine, dict):  # the keys given replace the config's (a CLI --address keeps the config's workers)
-            engine = {**(raw["engine"] if engine.get("name", raw["engine"]["name"]) == raw["engine"]["name"] else {}), **engine}
+            current = {"name": "local", **raw["engine"]}
+            engine = {**(current if engine.get("name", current["name"]) == current["name"] else {}), **engine}
         cfg = parse_config({**raw, **({"seed": req.seed} if req.seed is not None else {}),
                             **({"device": req.device} if req.device is not None else {}),
                             **({"engine": engine} if engine is not None else {})}, ctx.label)

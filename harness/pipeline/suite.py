@@ -16,15 +16,15 @@ __all__ = ["suite", "evaluate_suite"]
 
 
 def evaluate_suite(ctx: RunContext, model: BoundedModel, label: str = "", *, on_result: Optional[Callable[[Any], None]] = None,
-                   done: Optional[dict[str, list[AttackResult]]] = None) -> Evaluation:
-    """The config's attack suite on `model` over the run's data. `label` (a defended variant's name, as
-    evaluate_defenses calls this) does not change what runs."""
+                   done: Optional[dict[str, list[AttackResult]]] = None, engine: Any = None) -> Evaluation:
+    """The config's attack suite on `model` over the run's data, on `engine` (default: the run's).
+    `label` (a defended variant's name, as evaluate_defenses calls this) does not change what runs."""
     from harness.evaluation.runner import evaluate
 
     cfg = ctx.cfg
     return evaluate(model, ctx.data, cfg.attacks, ctx.devices, cfg.data.batch_size, cfg.seed, cfg.model.num_classes,
                     on_result=on_result, show_progress=ctx.request.show_progress, cascade=cfg.cascade, done=done,
-                    engine=getattr(ctx, "engine", None))
+                    engine=engine if engine is not None else getattr(ctx, "engine", None))
 
 
 def suite(ctx: RunContext) -> RunContext:
