@@ -180,7 +180,8 @@ class Defended(nn.Module):
     logits, one draw with large logits cannot dominate it. Its cross-entropy is -log E[p_y].
 
     Draws come from a generator per device that the wrapper owns, seeded with ``seed``: the same
-    calls in the same order give the same draws.
+    calls in the same order give the same draws. An engine restarts them for every unit of work
+    (``reseed``), so a unit's draws do not depend on which replica ran it or what ran there before.
     """
 
     def __init__(self, model: nn.Module, defense: Any, mode: str, *, eot: int = 8, seed: int = 0) -> None:
@@ -196,13 +197,22 @@ class Defended(nn.Module):
         self.mode = mode
         self.eot = eot
         self.seed = seed
+        self._key: Optional[int] = None
         self._generators: dict[str, torch.Generator] = {}
+
+    def reseed(self, key: int) -> None:
+        """Starts the draws again from (seed, key). An engine calls this before each unit of work with
+        the unit's seed, so a randomized defense's draws depend on the unit alone, not on which units
+        the replica or worker happened to run before it."""
+        self._key = int(key)
+        self._generators = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The wrapper's generator for a device, made (seeded) on first use."""
         key = str(device)
         if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+            seed = self.seed if self._key is None else (self.seed * 1_000_003 + self._key) % (2**61 - 1)
+            self._generators[key] = torch.Generator(device=device).manual_seed(seed)
         return self._generators[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -145,9 +145,11 @@ def _print_summary(card, out: Optional[Path]) -> None:
               "with a scorecard.partial.json], without recomputing what finished.")
 @click.option("--engine", "engine", type=click.Choice(["local", "ray"]), help="Where the units run [default: the config's "
               "engine:, else local]. ray needs pip install 'robustgate[ray]'.")
-@click.option("--address", help="ray: a running cluster, auto or HOST:PORT [default: start a local Ray on this machine].")
-@click.option("--workers", type=int, help="ray: how many workers [default: one per GPU, or per CPU slot].")
-@click.option("--gpus-per-worker", type=float, help="ray: GPUs per worker; a fraction such as 0.5 puts two on each GPU.")
+@click.option("--address", help="ray (implies --engine ray): a running cluster, auto or HOST:PORT [default: start a local Ray "
+              "on this machine].")
+@click.option("--workers", type=int, help="ray (implies --engine ray): how many workers [default: one per GPU, or per CPU slot].")
+@click.option("--gpus-per-worker", type=float, help="ray (implies --engine ray): GPUs per worker; a fraction such as 0.5 puts "
+              "two on each GPU.")
 @_guard
 def run(config: Optional[Path], out: Optional[Path], device: Optional[str], baseline: Optional[Path], seed: Optional[int],
         resume: bool, engine: Optional[str], address: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float]) -> None:
@@ -176,6 +178,8 @@ def run(config: Optional[Path], out: Optional[Path], device: Optional[str], base
             if (out / PARTIAL).is_file():
                 click.echo(f"harness: resuming the run in {out}/", err=True)
     given = {"name": engine, "address": address, "workers": workers, "gpus_per_worker": gpus_per_worker}
+    if engine is None and any(v is not None for v in given.values()):
+        given["name"] = "ray"  # --address, --workers and --gpus-per-worker only mean something to the Ray engine
     if any(v is not None for v in given.values()):
         extra["engine"] = {k: v for k, v in given.items() if v is not None}
     out = out or _default_out(cfg.name)

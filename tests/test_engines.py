@@ -275,9 +275,14 @@ def test_without_ray_the_ray_engine_is_exit_2_naming_the_pip_command(cli, monkey
     assert not (tmp_path / "out" / "scorecard.json").exists()
 
 
-def test_engine_options_without_the_ray_engine_are_exit_2(cli, tmp_path):
-    result = cli("run", "--address", "auto", "--out", str(tmp_path / "out"))
+def test_engine_options_with_the_local_engine_are_exit_2_and_alone_they_mean_ray(cli, tmp_path, monkeypatch):
+    import sys
+
+    result = cli("run", "--engine", "local", "--address", "auto", "--out", str(tmp_path / "out"))
     assert result.exit_code == 2 and "address applies to the ray engine only" in result.stderr
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = cli("run", "--workers", "2", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "the Ray engine needs Ray" in result.stderr
 
 
 @pytest.mark.parametrize("override", [{"seed": 4}, {"device": "cpu"}, {"engine": {"name": "ray", "workers": 2}}])
@@ -295,3 +300,38 @@ def test_an_override_keeps_what_the_config_left_unsaid(override):
     assert train_plan(overridden) == train_plan(plain)
     assert train_plan(plain).optimizer.name == "adam"  # the builtin recipe's, not the generic default
     assert overridden.model_dump(exclude={"seed", "device", "engine"}) == plain.model_dump(exclude={"seed", "device", "engine"})
+
+
+def test_one_progress_bar_ticks_for_every_batch_whichever_lane_returns_it(wrapped_digits, data, monkeypatch):
+    from harness.config import Config
+    from harness.evaluation import runner
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, enabled):
+            self.total, self.n, self.lock = total, 0, threading.Lock()
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def refresh(self):
+            pass
+
+        def update(self, k):
+            assert self.total is not None and self.n + k <= self.total  # the total is known before a tick
+            self.n += k
+
+    monkeypatch.setattr(runner, "_progress", Bar)
+    attacks = Config.model_validate({"attacks": LANES_SUITE}).attacks
+    engine = Shuffled(2)
+    sent = []
+    real_run = engine.run
+    engine.run = lambda units, on_done=None: (sent.append(len(units)), real_run(units, on_done))[1]
+    runner.evaluate(wrapped_digits, data, attacks, [torch.device("cpu")], batch_size=24, engine=engine, show_progress=True)
+    assert len(bars) == 1
+    assert bars[0].n == bars[0].total == -(-len(data) // 24) + sum(sent) and sum(sent) > 20

@@ -11,7 +11,7 @@ ENGINES = ("local", "ray")
 
 
 def engine_for(name: str = "local", address: Optional[str] = None, workers: Optional[int] = None,
-               gpus_per_worker: Optional[float] = None, threads: Optional[int] = None) -> Any:
+               gpus_per_worker: Optional[float] = None, threads: Optional[int] = None, device: Any = "auto") -> Any:
     """A new engine by name; `ray` without Ray installed is BadInput naming the pip command."""
     if name == "local":
         from harness.engines.local import LocalEngine
@@ -21,7 +21,7 @@ def engine_for(name: str = "local", address: Optional[str] = None, workers: Opti
         from harness.engines.cluster import RayEngine, require_ray
 
         require_ray()
-        return RayEngine(address=address, workers=workers, gpus_per_worker=gpus_per_worker, threads=threads)
+        return RayEngine(address=address, workers=workers, gpus_per_worker=gpus_per_worker, threads=threads, device=device)
     from harness.core.errors import BadInput
 
     raise BadInput("engine", f"unknown engine {name!r} (valid: {', '.join(ENGINES)})")

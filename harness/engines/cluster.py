@@ -107,6 +107,10 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
                        "`ray start --head` or leave --address out to start a local Ray") from None
 
 
+# what a worker's __init__ says when its node cannot run the job (see _WorkerImpl.__init__)
+_REFUSALS = ("this node has", "a GPU worker found no CUDA device")
+
+
 class _WorkerImpl:
     """One Ray actor: builds models and data from recipes (cached by key) and runs units on them."""
 
@@ -268,10 +272,14 @@ class _Pool:
             try:
                 self.info[wid] = self.ray.get(ref)
             except self.ray.exceptions.RayActorError as e:
-                cause = getattr(e, "cause", None) or e
-                if self.live or self.starting:  # a replacement that could not start: the others carry on
+                text = " ".join(str(getattr(e, "cause", None) or e).split())
+                refused = next((m for m in _REFUSALS if m in text), None)
+                if refused is not None:  # a node that cannot give the same answer: the run stops rather than lose it quietly
+                    start = text.find(refused)
+                    raise RunFailed(f"a Ray worker refused to start: {text[start:start + 300]}") from None
+                if self.live or self.starting:  # a replacement whose node went away: the others carry on
                     continue
-                raise RunFailed(f"no Ray worker could start: {' '.join(str(cause).split())[:300]}") from None
+                raise RunFailed(f"no Ray worker could start: {text[:300]}") from None
             self.live[wid], self.load[wid] = actor, 0
 
     def acquire(self, stop: threading.Event) -> tuple[int, Any]:
@@ -341,12 +349,14 @@ class RayEngine:
     (default: one per GPU, or per `threads` CPUs when the cluster has no GPU or the run's device is
     the CPU). gpus_per_worker: a GPU fraction per actor (0.5 puts two on each GPU). threads: torch
     threads in each worker (default: the driver's, so results match the local engine bit for bit).
+    device: the run's device spec; `cpu` keeps the workers on CPUs, anything else takes the cluster's
+    GPUs where it has some (the driver itself may have none).
     """
 
     concurrency = 32  # lanes the runner may keep open at once: the pool, not the lanes, bounds the work in flight
 
     def __init__(self, address: Optional[str] = None, workers: Optional[int] = None, gpus_per_worker: Optional[float] = None,
-                 threads: Optional[int] = None, in_flight: int = IN_FLIGHT) -> None:
+                 threads: Optional[int] = None, in_flight: int = IN_FLIGHT, device: Any = "auto") -> None:
         if workers is not None and workers < 1:
             raise BadInput("engine.workers", f"must be at least 1, got {workers}")
         if gpus_per_worker is not None and not 0 < gpus_per_worker:
@@ -355,6 +365,8 @@ class RayEngine:
             raise BadInput("engine.threads", f"must be at least 1, got {threads}")
         self.address, self.workers, self.gpus_per_worker, self.in_flight = address, workers, gpus_per_worker, in_flight
         self.threads = threads or torch.get_num_threads()
+        # the run's device spec, as written: `auto` means the cluster's GPUs when it has any, whatever the driver has
+        self.device = [str(d).strip() for d in (device.split(",") if isinstance(device, str) else device)]
         self.limit = BatchLimit()
         self._ray: Any = None
         self._pool: Optional[_Pool] = None
@@ -369,7 +381,7 @@ class RayEngine:
 
     # -- the workers ------------------------------------------------------------------------------
 
-    def _ensure_pool(self, devices: Sequence[torch.device], recipe: Any) -> _Pool:
+    def _ensure_pool(self, recipe: Any) -> _Pool:
         if self._pool is not None:
             return self._pool
         from harness.engines.recipes import code_dir
@@ -379,7 +391,7 @@ class RayEngine:
         self._owns_ray = _connect(ray, self.address, self._code)
         shipped = self._owns_ray and self._code is not None
         gpus = float(ray.cluster_resources().get("GPU", 0))
-        cpu_only = all(d.type == "cpu" for d in devices) and self.gpus_per_worker is None
+        cpu_only = all(d == "cpu" for d in self.device) and self.gpus_per_worker is None
         use_gpu = not cpu_only and (gpus > 0 or self.gpus_per_worker is not None)
         if use_gpu:
             per = self.gpus_per_worker or 1.0
@@ -407,7 +419,7 @@ class RayEngine:
         if not devices:
             raise ValueError("an engine needs at least one device")
         recipe = model_recipe(model)
-        pool = self._ensure_pool(devices, recipe)
+        pool = self._ensure_pool(recipe)
         self.limit = BatchLimit()
         self._stop.clear()
         self._model = (recipe.key, [pool.ray.put(recipe)])
@@ -528,7 +540,7 @@ class RayEngine:
 
             if model is None:
                 raise RuntimeError("RayEngine: share a model (or start) before sharing data")
-            self._ensure_pool([torch.device("cpu")], model_recipe(model))
+            self._ensure_pool(model_recipe(model))
         return self._pool
 
     def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], on_done: Optional[Callable[[int, Any], None]] = None) -> list:

@@ -8,7 +8,9 @@ and gradient evaluations; the re-scoring pass is not counted.
 Out of device memory, a batch is split in two and each half retried, down to one sample; the
 smaller size then holds for the rest of the run (`BatchLimit`), so later batches do not fail first.
 Any engine (local threads, a Ray worker) runs a unit through `run_unit` and a clean batch through
-`forward_rows`, so the guarantees of `harness.engines.base` hold wherever the work runs.
+`forward_rows`, so the guarantees of `harness.engines.base` hold wherever the work runs. A model
+with a `reseed(key)` method (a randomized preprocessing defense) has its draws restarted from the
+unit's seed (a clean batch's: its first row) before each, so they too depend on the unit alone.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ def run_unit(unit: Unit, model: torch.nn.Module, counter: Counting, data: "Data"
         threat = ThreatModel(unit.norm, e)
         extra = {} if targets is None else {"target": targets[pos].to(device)}
         gen = torch.Generator(device=device).manual_seed(seed)
+        _reseed(model, seed)
         adv = unit.attack(counter, x, y, threat, generator=gen, **extra).detach()
         with torch.no_grad():
             adv = adv.to(x.dtype).clamp(*BOUNDS)  # the engine owns the bounds, whatever the attack returned
@@ -177,10 +180,18 @@ def run_unit(unit: Unit, model: torch.nn.Module, counter: Counting, data: "Data"
     return out
 
 
+def _reseed(model: torch.nn.Module, key: int) -> None:
+    """A randomized model (a preprocessing defense that draws noise) restarts its draws from `key`."""
+    reseed = getattr(model, "reseed", None)
+    if callable(reseed):
+        reseed(key)
+
+
 def forward_rows(model: torch.nn.Module, data: "Data", rows: torch.Tensor, limit: BatchLimit) -> torch.Tensor:
     """The model's logits (float32, CPU) for these rows; checks the model's output against the data."""
 
     def forward(idx: torch.Tensor, _seed: int) -> torch.Tensor:
+        _reseed(model, int(idx[0]) + 1 if idx.numel() else 0)  # a batch's draws follow from its rows
         with torch.no_grad():
             try:
                 out = model(data.read(idx).to(device_of(model)))

@@ -166,11 +166,12 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
     return progress_bar(total=total, desc=desc, enabled=enabled)
 
 
-def clean_pass(engine: Engine, data: Data, batch_size: int, num_classes: Optional[int], show: Optional[bool]) -> torch.Tensor:
-    """Logits for every sample; checks the model's output against the data on the way."""
+def clean_pass(engine: Engine, data: Data, batch_size: int, num_classes: Optional[int], bar: Any) -> torch.Tensor:
+    """Logits for every sample; checks the model's output against the data on the way. `bar` ticks per batch."""
     batches = [tuple(b.tolist()) for b in torch.arange(len(data)).split(max(1, batch_size))]
-    with _progress(len(batches), "clean", show) as bar:
-        logits = torch.cat(engine.forward(batches, on_done=lambda i: bar.update(1)))
+    bar.total = (bar.total or 0) + len(batches)
+    bar.refresh()
+    logits = torch.cat(engine.forward(batches, on_done=lambda i: bar.update(1)))
     classes = logits.shape[1]
     if num_classes is not None and classes != num_classes:
         raise BadInput("model.num_classes", f"the config says {num_classes} classes but the model returns {classes} scores")
@@ -252,9 +253,10 @@ def evaluate(model: BoundedModel, data: Data, attacks: Sequence[Any], devices: S
     own = engine is None
     engine = LocalEngine() if engine is None else engine
     try:
-        with strict_fp32():
+        # one bar for the whole evaluation, ticking as batches return, whichever lane or worker sent them
+        with strict_fp32(), _progress(0, "evaluating", show_progress) as bar:
             engine.start(model, data, devices)
-            logits = clean_pass(engine, data, batch_size, num_classes, show_progress)
+            logits = clean_pass(engine, data, batch_size, num_classes, bar)
             checks = [validity.output_logits(logits)]
             if looks_like_probabilities(logits):
                 model.outputs_probabilities = True
@@ -272,9 +274,8 @@ def evaluate(model: BoundedModel, data: Data, attacks: Sequence[Any], devices: S
                     if on_result is not None:
                         on_result(ev)
 
-            with _progress(0, "attacks", show_progress) as bar:  # one bar, ticking as units return, whichever lane sent them
-                suite = Suite(engine, data, correct, logits, batch_size, seed, cascade, bar, emit, done, AttackResult)
-                suite.run(suite.plan(list(attacks), per_entry))
+            suite = Suite(engine, data, correct, logits, batch_size, seed, cascade, bar, emit, done, AttackResult)
+            suite.run(suite.plan(list(attacks), per_entry))
             # in this process, on the first device, as before the engine: model.to is a no-op where the engine put it there
             checks += validity_checks(model.to(devices[0]), data, ev, attacks, seed, engine.limit)
     finally:

@@ -66,7 +66,7 @@ def load(ctx: RunContext) -> RunContext:
         from harness.engines import engine_for
 
         e = cfg.engine
-        ctx.engine = engine_for(e.name, e.address, e.workers, e.gpus_per_worker, e.threads)
+        ctx.engine = engine_for(e.name, e.address, e.workers, e.gpus_per_worker, e.threads, cfg.device)
     seed_everything(cfg.seed)  # before the model loads: a factory's random initialization is part of the run
     if req.data is not None:
         ctx.data = as_data(req.data, cfg)
