@@ -89,11 +89,14 @@ def test_the_scorecard_is_the_local_engines_bit_for_bit_whatever_the_workers(loc
 
 
 def test_data_that_lives_only_in_memory_travels_once_through_the_object_store(local_ray, digits_test):
+    """... and a randomized defense (noise drawn afresh per unit from the unit's seed) gives the local figures too."""
     x, y = digits_test
-    suite = {**SUITE, "defenses": [], "gates": [], "attacks": SUITE["attacks"][:2]}
+    suite = {**SUITE, "gates": [], "attacks": SUITE["attacks"][:2], "defenses": [{"name": "gaussian-noise", "sigma": 0.1, "eot": 2}]}
     local = harness.run(suite, data=(x[:70], y[:70]), show_progress=False)
     remote = harness.run(suite, data=(x[:70], y[:70]), show_progress=False, engine={"name": "ray", "workers": 2})
     assert remote.metrics == local.metrics and remote.metrics["clean_accuracy"] > 0.9
+    assert remote.metrics["robust_accuracy:gaussian-noise/worst-linf@0.1"] < remote.metrics["clean_accuracy:gaussian-noise"]
+    assert [(c["name"], c["status"]) for c in remote.checks] == [(c["name"], c["status"]) for c in local.checks]
 
 
 NETS = '''

@@ -207,6 +207,9 @@ def validity_checks(model: BoundedModel, data: Data, ev: Evaluation, attacks: Se
 
     sample = min(64, limit.size) if limit is not None and limit.size else 64
     dev = device_of(model)
+    reseed = getattr(model, "reseed", None)
+    if callable(reseed):  # a randomized defense: the checks' draws start from the run's seed, whatever ran on it before
+        reseed(seed_of(seed, 0xC4EC))
     gen = lambda k: torch.Generator(device=dev).manual_seed(seed_of(seed, 0xC4EC, k))
     pick = torch.linspace(0, len(data) - 1, min(len(data), _CHECK_POINTS)).round().long().unique()
     x, y = data.read(pick).to(dev), data.y[pick].to(dev)
