@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
 from harness.core.errors import BadInput, RunFailed
+from harness.engines.actors import IN_FLIGHT, Cancelled, _Pool, _versions
 from harness.engines.base import Rows, Unit, UnitResult
 from harness.engines.stage import BatchLimit
 
@@ -39,13 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["RayEngine", "require_ray", "INSTALL"]
 
 INSTALL = "pip install 'robustgate[ray]'"
-IN_FLIGHT = 2  # units outstanding per worker
-START_TIMEOUT_S = 300.0  # a worker that is not up by then (no resources anywhere, a broken node) fails the run
 MAX_ATTEMPTS = 4  # a unit is sent to at most this many workers that died under it
-
-
-class Cancelled(Exception):
-    """The run was interrupted or failed elsewhere: this call stops waiting."""
 
 
 def require_ray() -> Any:
@@ -105,240 +99,6 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise BadInput("--address", f"no Ray cluster answers at {address} ({e.strerror or type(e).__name__}); start one with "
                        "`ray start --head` or leave --address out to start a local Ray") from None
-
-
-# what a worker's __init__ says when its node cannot run the job (see _WorkerImpl.__init__)
-_REFUSALS = ("this node has", "a GPU worker found no CUDA device")
-
-
-class _WorkerImpl:
-    """One Ray actor: builds models and data from recipes (cached by key) and runs units on them."""
-
-    def __init__(self, threads: int, device: str, versions: dict[str, str], shipped: bool = False) -> None:
-        mine = _versions()
-        if mine != versions:
-            raise RuntimeError(f"this node has {mine}, the driver {versions}: install the same versions on every node")
-        torch.set_num_threads(threads)
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("a GPU worker found no CUDA device")
-        self.device = torch.device(device)
-        # the model's module came in the runtime environment: import it from there (the working
-        # directory), not from the driver's config directory, which this node may not have
-        self.base = __import__("pathlib").Path.cwd() if shipped else None
-        self.models: dict[str, Any] = {}
-        self.data: dict[str, Any] = {}
-
-    def ping(self) -> dict[str, Any]:
-        import os
-
-        import ray
-
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads(),
-                "device": str(self.device)}
-
-    def _model(self, ref: tuple[str, list]) -> Any:
-        import ray
-
-        from harness.engines.recipes import build_model
-        from harness.engines.stage import Counting
-
-        key, box = ref
-        if key not in self.models:
-            if len(self.models) >= 4:  # a run's variants one after another: keep the newest few
-                self.models.pop(next(iter(self.models)))
-            model = build_model(ray.get(box[0]), self.base).to(self.device)
-            self.models[key] = (model, Counting(model))
-        return self.models[key]
-
-    def _data(self, ref: tuple[str, list]) -> Any:
-        import ray
-
-        from harness.engines.recipes import build_data
-
-        key, box = ref
-        if key not in self.data:
-            if len(self.data) >= 3:  # the run's test data, a probe's training data: keep the newest few
-                self.data.pop(next(iter(self.data)))
-            self.data[key] = build_data(ray.get(box[0]))
-        return self.data[key]
-
-    def run(self, model: tuple, data: tuple, unit: Unit, size: Optional[int]) -> tuple:
-        from harness.engines.stage import run_unit, strict_fp32
-
-        try:
-            with strict_fp32():
-                net, counter = self._model(model)
-                limit = BatchLimit()
-                limit.size = size
-                return "ok", run_unit(unit, net, counter, self._data(data), limit), limit.size, limit.retries
-        except Exception as e:  # the attack's own exception, as raised, for the driver to raise
-            return "err", _portable(e), None, 0
-
-    def call(self, fn: Callable[..., Any], args: tuple) -> tuple:
-        """fn(view, *args) here: a job of the harness's own (a poisoning fraction) with the worker's
-        models and data at hand (`_View`)."""
-        try:
-            return "ok", fn(_View(self), *args), None, 0
-        except Exception as e:
-            return "err", _portable(e), None, 0
-
-    def forward(self, model: tuple, data: tuple, rows: Rows, size: Optional[int]) -> tuple:
-        from harness.engines.stage import forward_rows, strict_fp32
-
-        try:
-            with strict_fp32():
-                net, _ = self._model(model)
-                limit = BatchLimit()
-                limit.size = size
-                return "ok", forward_rows(net, self._data(data), torch.tensor(rows, dtype=torch.long), limit), limit.size, limit.retries
-        except Exception as e:
-            return "err", _portable(e), None, 0
-
-
-class _View:
-    """What a job sees of its worker: the device, the data and fresh models built from shared recipes."""
-
-    def __init__(self, worker: _WorkerImpl) -> None:
-        self._worker, self.device = worker, worker.device
-
-    def data(self, ref: tuple) -> Any:
-        return self._worker._data(ref)
-
-    def fresh_model(self, ref: tuple) -> torch.nn.Module:
-        """A new model from the recipe every call (a job may train it in place)."""
-        import ray
-
-        from harness.engines.recipes import build_model
-
-        return build_model(ray.get(ref[1][0]), self._worker.base).to(self.device)
-
-
-def _portable(e: Exception) -> Exception:
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return RuntimeError(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-
-
-def _versions() -> dict[str, str]:
-    """What must be the same on every node for a unit to give the same bits: the harness and torch."""
-    import harness
-
-    return {"harness": harness.__version__, "torch": str(torch.__version__)}
-
-
-_WORKER_CLASS: list = []
-
-
-def _worker_class(ray: Any) -> Any:
-    if not _WORKER_CLASS:
-        _WORKER_CLASS.append(ray.remote(max_restarts=0, max_task_retries=0)(_WorkerImpl))
-    return _WORKER_CLASS[0]
-
-
-class _Pool:
-    """The workers, and how many units each has outstanding. Thread-safe: every lane of the runner
-    takes workers from here."""
-
-    def __init__(self, ray: Any, count: int, options: dict[str, Any], init: tuple, in_flight: int = IN_FLIGHT) -> None:
-        self.ray, self.options, self.init, self.in_flight = ray, options, init, in_flight
-        self.cond = threading.Condition()
-        self.live: dict[int, Any] = {}  # worker id -> actor handle
-        self.load: dict[int, int] = {}
-        self.starting: dict[Any, tuple[int, Any]] = {}  # ping ref -> (id, actor)
-        self.lost = 0
-        self.replacements = count  # at most as many replacements as workers asked for
-        self._next = 0
-        self.info: dict[int, dict] = {}
-        self.since = time.monotonic()
-        for _ in range(count):
-            self._spawn()
-
-    def _spawn(self) -> None:
-        actor = _worker_class(self.ray).options(**self.options).remote(*self.init)
-        self.starting[actor.ping.remote()] = (self._next, actor)
-        self._next += 1
-
-    def _promote(self) -> None:
-        """Workers whose first ping came back join the pool; one whose start failed fails the run."""
-        if not self.starting:
-            return
-        ready, _ = self.ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
-        for ref in ready:
-            wid, actor = self.starting.pop(ref)
-            try:
-                self.info[wid] = self.ray.get(ref)
-            except self.ray.exceptions.RayActorError as e:
-                text = " ".join(str(getattr(e, "cause", None) or e).split())
-                refused = next((m for m in _REFUSALS if m in text), None)
-                if refused is not None:  # a node that cannot give the same answer: the run stops rather than lose it quietly
-                    start = text.find(refused)
-                    raise RunFailed(f"a Ray worker refused to start: {text[start:start + 300]}") from None
-                if self.live or self.starting:  # a replacement whose node went away: the others carry on
-                    continue
-                raise RunFailed(f"no Ray worker could start: {text[:300]}") from None
-            self.live[wid], self.load[wid] = actor, 0
-
-    def acquire(self, stop: threading.Event) -> tuple[int, Any]:
-        with self.cond:
-            while True:
-                if stop.is_set():
-                    raise Cancelled()
-                self._promote()
-                free = [w for w in self.live if self.load[w] < self.in_flight]
-                if free:
-                    w = min(free, key=lambda k: (self.load[k], k))
-                    self.load[w] += 1
-                    return w, self.live[w]
-                if not self.live:
-                    if not self.starting:
-                        raise RunFailed(f"every Ray worker was lost ({self.lost}) and none could replace them")
-                    if time.monotonic() - self.since > START_TIMEOUT_S:
-                        raise RunFailed(f"no Ray worker started within {START_TIMEOUT_S:.0f} s: does the cluster have the "
-                                        f"resources asked for ({self.options})?")
-                self.cond.wait(0.05)
-
-    def release(self, w: int) -> None:
-        with self.cond:
-            if w in self.load:
-                self.load[w] -= 1
-            self.cond.notify_all()
-
-    def died(self, w: int) -> None:
-        """Worker w (or its node) is gone: its outstanding units come back to their callers to resend."""
-        with self.cond:
-            actor = self.live.pop(w, None)
-            self.load.pop(w, None)
-            if actor is None:
-                return
-            self.lost += 1
-            self.since = time.monotonic()
-            try:
-                self.ray.kill(actor)
-            except Exception:
-                pass
-            if self.replacements > 0:
-                self.replacements -= 1
-                self._spawn()
-            self.cond.notify_all()
-
-    @property
-    def size(self) -> int:
-        with self.cond:
-            self._promote()
-            return len(self.live)
-
-    def close(self) -> None:
-        with self.cond:
-            for actor in [*self.live.values(), *(a for _, a in self.starting.values())]:
-                try:
-                    self.ray.kill(actor)
-                except Exception:
-                    pass
-            self.live, self.load, self.starting = {}, {}, {}
 
 
 class RayEngine:
