@@ -125,6 +125,10 @@ class _View:
     def data(self, ref: tuple) -> Any:
         return self._worker._data(ref)
 
+    def model(self, ref: tuple) -> torch.nn.Module:
+        """The worker's model for this recipe (built once, kept): for jobs that only evaluate it."""
+        return self._worker._model(ref)[0]
+
     def fresh_model(self, ref: tuple) -> torch.nn.Module:
         """A new model from the recipe every call (a job may train it in place)."""
         import ray

@@ -310,6 +310,14 @@ class RayEngine:
         share_data and share_model. A job whose worker is lost is run again elsewhere."""
         return self._dispatch([(fn, tuple(job)) for job in jobs], "call", on_done)
 
+    def on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(view, model_ref, data_ref, *args) on one worker, with the model and data this engine was
+        started with (`view.model(model_ref)`, `view.data(data_ref)`): the runner's validity checks
+        run there, on the workers' device, rather than on a driver that may have only a CPU."""
+        if self._model is None:
+            raise RuntimeError("RayEngine.start() was not called")
+        return self.map(fn, [(self._model, self._data_ref, *args)])[0]
+
     def forward(self, batches: Sequence[Rows], on_done: Optional[Callable[[int], None]] = None) -> list[torch.Tensor]:
         done = None if on_done is None else (lambda i, _: on_done(i))
         return self._dispatch(list(batches), "forward", done)

@@ -244,6 +244,15 @@ def validity_checks(model: BoundedModel, data: Data, ev: Evaluation, attacks: Se
     return out
 
 
+def checks_job(view: Any, model_ref: Any, data_ref: Any, ev: Evaluation, attacks: list, seed: int, size: Optional[int]) -> list:
+    """validity_checks on an engine's worker (harness.engines.cluster.RayEngine.on_worker), on the
+    model and data the engine was started with, from the run's batch limit."""
+    limit = BatchLimit()
+    limit.size = size
+    with strict_fp32():
+        return validity_checks(view.model(model_ref), view.data(data_ref), ev, attacks, seed, limit)
+
+
 def evaluate(model: BoundedModel, data: Data, attacks: Sequence[Any], devices: Sequence[torch.device],
              batch_size: int = 256, seed: int = 0, num_classes: Optional[int] = None,
              on_result: Optional[Callable[[Evaluation], None]] = None, show_progress: Optional[bool] = None,
@@ -279,8 +288,11 @@ def evaluate(model: BoundedModel, data: Data, attacks: Sequence[Any], devices: S
 
             suite = Suite(engine, data, correct, logits, batch_size, seed, cascade, bar, emit, done, AttackResult)
             suite.run(suite.plan(list(attacks), per_entry))
-            # in this process, on the first device, as before the engine: model.to is a no-op where the engine put it there
-            checks += validity_checks(model.to(devices[0]), data, ev, attacks, seed, engine.limit)
+            if callable(getattr(engine, "on_worker", None)):
+                # where the model runs fast (a GPU worker), not on a driver that may have only a CPU
+                checks += engine.on_worker(checks_job, ev, list(attacks), seed, engine.limit.size)
+            else:  # in this process, on the first device: model.to is a no-op where the engine put it there
+                checks += validity_checks(model.to(devices[0]), data, ev, attacks, seed, engine.limit)
     finally:
         if own:
             engine.close()
