@@ -22,7 +22,7 @@ import pytest
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "quickstart.ipynb"
 KERNEL = "harness-tests"
-BAR = re.compile(r"clean:\s+\d+%\|")  # how tqdm draws the runner's clean-pass bar
+BAR = re.compile(r"evaluating:\s+\d+%\|")  # how tqdm draws the runner's bar (the clean pass and the attacks)
 
 TINY = """name: progress-probe
 model: {source: "builtin:digits-cnn"}

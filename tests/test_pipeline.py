@@ -20,7 +20,7 @@ UNITS = 8  # the default suite: fgsm and pgd at four epsilons each
 # what each stage fills, in order
 FILLS = {
     "resolve": {"cfg", "base", "label", "baseline", "started", "t0"},
-    "load": {"devices", "data", "model", "model_info"},
+    "load": {"devices", "engine", "data", "model", "model_info"},
     "provenance": {"provenance", "saved"},
     "suite": {"evaluation"},
     "defended": {"defended"},
