@@ -211,17 +211,30 @@ class _Pool:
                 raise RunFailed(f"no Ray worker could start: {text[:300]}") from None
             self.live[wid], self.load[wid] = actor, 0
 
+    def _take(self) -> Optional[tuple[int, Any]]:
+        """The least loaded worker with a free slot, its load counted; None when every one is full. Under `cond`."""
+        self._promote()
+        free = [w for w in self.live if self.load[w] < self.in_flight]
+        if not free:
+            return None
+        w = min(free, key=lambda k: (self.load[k], k))
+        self.load[w] += 1
+        return w, self.live[w]
+
+    def try_acquire(self) -> Optional[tuple[int, Any]]:
+        """A worker with a free slot now, or None (the caller has units in flight to wait on instead)."""
+        with self.cond:
+            return self._take()
+
     def acquire(self, stop: threading.Event) -> tuple[int, Any]:
+        """A worker with a free slot, waiting for one (and for the first workers to start)."""
         with self.cond:
             while True:
                 if stop.is_set():
                     raise Cancelled()
-                self._promote()
-                free = [w for w in self.live if self.load[w] < self.in_flight]
-                if free:
-                    w = min(free, key=lambda k: (self.load[k], k))
-                    self.load[w] += 1
-                    return w, self.live[w]
+                taken = self._take()
+                if taken is not None:
+                    return taken
                 if not self.live:
                     if not self.starting:
                         raise RunFailed(f"every Ray worker was lost ({self.lost}) and none could replace them")

@@ -225,10 +225,10 @@ class RayEngine:
                 if self._stop.is_set():
                     raise Cancelled()
                 while pending and len(active) < max(1, pool.in_flight * max(1, len(pool.live))):
-                    try:
-                        w, actor = pool.acquire(self._stop) if not active else self._try_acquire(pool)
-                    except _Busy:
+                    taken = pool.acquire(self._stop) if not active else pool.try_acquire()
+                    if taken is None:  # every worker full: wait on what is in flight
                         break
+                    w, actor = taken
                     i = pending.pop()
                     if method == "call":
                         ref = actor.call.remote(*items[i])
@@ -262,16 +262,6 @@ class RayEngine:
             for ref, (_, w) in active.items():
                 pool.release(w)
         return results
-
-    def _try_acquire(self, pool: _Pool) -> tuple[int, Any]:
-        with pool.cond:
-            pool._promote()
-            free = [w for w in pool.live if pool.load[w] < pool.in_flight]
-            if not free:
-                raise _Busy()
-            w = min(free, key=lambda k: (pool.load[k], k))
-            pool.load[w] += 1
-            return w, pool.live[w]
 
     def _lowered(self, size: Optional[int], retries: int) -> None:
         """A worker halved: the size it got down to holds for every later unit of the run."""
@@ -341,7 +331,3 @@ class RayEngine:
         if self._owns_ray and self._ray is not None:
             self._ray.shutdown()
             self._owns_ray = False
-
-
-class _Busy(Exception):
-    pass
