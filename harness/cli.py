@@ -372,12 +372,16 @@ def _listing(kind: str) -> list[str]:
         import dataclasses
 
         if kind == "defenses":
-            from harness.defenses import DEFENSES as registry
-        else:
-            from harness.attacks.poisoning import PROBES as registry
+            from harness.defenses import DEFENSES
 
-        lines, width = [], max((len(n) for n in registry.names()), default=0)
-        for name, obj in registry.items():
+            entries = list(DEFENSES.items())
+        else:
+            from harness.attacks.poisoning import PROBES
+            from harness.attacks.privacy import PRIVACY
+
+            entries = [*PROBES.items(), *PRIVACY.items()]
+        lines, width = [], max((len(n) for n, _ in entries), default=0)
+        for name, obj in entries:
             fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ()
             knobs = ", ".join(f"{f.name}={_default(f.default)}" for f in fields if f.default is not dataclasses.MISSING)
             first = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())  # the docstring's first sentence

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 from harness.core.ids import metric_id
 
-__all__ = ["entry_epsilons", "worst_groups", "suite_metric_ids", "probe_metric_ids", "defense_kind", "variant_subject",
+__all__ = ["entry_epsilons", "worst_groups", "suite_metric_ids", "probe_metric_ids", "privacy_metric_ids", "defense_kind", "variant_subject",
            "detector_metric_ids", "white_box_attacks", "detector_groups"]
 
 
@@ -79,8 +79,11 @@ def _defense_metric_ids(config, base: list[str]) -> list[str]:
 
 def probe_metric_ids(entry) -> list[str]:
     """The metric ids one `probes:` entry produces (for validating gates before anything runs)."""
+    from harness.attacks.privacy import PRIVACY
     from harness.attacks.scans import SCANS
 
+    if entry.name in PRIVACY:
+        return privacy_metric_ids(entry.probe_id, entry.build())
     if entry.name in SCANS:
         return [metric_id("anomaly_index", "neural-cleanse")] if entry.name == "neural-cleanse" else [metric_id("flagged_fraction", entry.probe_id)]
     ids = []
@@ -95,6 +98,22 @@ def probe_metric_ids(entry) -> list[str]:
             ids += ([metric_id("anomaly_index", subject, f.label)] if scan == "neural-cleanse"
                     else [metric_id("scan_precision", subject, f.label), metric_id("scan_recall", subject, f.label)])
     return ids
+
+
+def privacy_metric_ids(subject: str, probe: Any) -> list[str]:
+    """What a privacy probe produces (harness.evaluation.privacy). Membership inference: TPR at each
+    FPR level (absent from a run whose trials cannot resolve the level), AUROC, advantage. Extraction,
+    per query budget: fidelity and stolen accuracy, and per output defense the same, the fidelity drop
+    and (once) the clean-accuracy cost of serving its answers."""
+    if probe.name == "membership-inference":
+        return [metric_id("tpr_at_fpr", subject, f"{f:g}") for f in probe.fprs] + [metric_id("auc", subject), metric_id("advantage", subject)]
+    ids: list[str] = []
+    defenses = [d.label for d in probe.output_defenses()]
+    for b in probe.budgets:
+        ids += [metric_id("fidelity", subject, str(b)), metric_id("stolen_accuracy", subject, str(b))]
+        for d in defenses:
+            ids += [metric_id(f, f"{subject}/{d}", str(b)) for f in ("fidelity", "stolen_accuracy", "fidelity_drop")]
+    return ids + [metric_id("clean_accuracy_cost", f"{subject}/{d}") for d in defenses]
 
 
 def defense_kind(defense: Any) -> str:

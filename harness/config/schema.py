@@ -187,8 +187,9 @@ class DefenseConfig(_Knobs):
 
 class ProbeConfig(_Knobs):
     """One `probes:` entry: a poisoning probe over `fractions` (badnets, clean-label, label-flip; with
-    optional `scans` of what it planted), or a scan on its own (activation-clustering,
-    spectral-signatures of the training data; neural-cleanse of the model). Run by harness.evaluation.probes."""
+    optional `scans` of what it planted), a scan on its own (activation-clustering,
+    spectral-signatures of the training data; neural-cleanse of the model), or a privacy probe
+    (membership-inference, extraction; harness.attacks.privacy). Run by harness.evaluation.probes."""
 
     name: str
     id: Optional[str] = None
@@ -197,8 +198,14 @@ class ProbeConfig(_Knobs):
 
     @model_validator(mode="after")
     def _probe_exists(self) -> "ProbeConfig":
+        from harness.attacks.privacy import PRIVACY
         from harness.attacks.scans import SCANS
 
+        if self.name in PRIVACY:
+            if self.fractions or self.scans:
+                raise ValueError(f"{self.name!r} is a privacy probe: it takes no `fractions` or `scans`")
+            self.build()
+            return self
         if self.name in SCANS:
             if self.fractions or self.scans:
                 raise ValueError(f"{self.name!r} scans the configured model or data: it takes no `fractions` or `scans`")
@@ -217,10 +224,12 @@ class ProbeConfig(_Knobs):
 
     def build(self):
         from harness.attacks.poisoning import PROBES
-
+        from harness.attacks.privacy import PRIVACY
         from harness.attacks.scans import SCANS
 
-        return self._built(PROBES, "probe", SCANS)
+        if self.name in PRIVACY:
+            return self._built(PRIVACY, "probe")
+        return self._built(PROBES, "probe", (*PRIVACY.names(), *SCANS))
 
 
 CORRUPTION_KINDS = ("gaussian-noise", "blur", "brightness", "contrast")

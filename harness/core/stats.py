@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["Z95", "wilson_interval", "newcombe_interval", "mcnemar_p_value", "paired_drop_interval", "auroc_interval", "median_interval"]
+__all__ = ["Z95", "wilson_interval", "newcombe_interval", "mcnemar_p_value", "paired_drop_interval", "auroc_interval", "median_interval",
+           "auc_score", "threshold_at_fpr", "best_advantage_threshold", "count_above", "roc_points"]
 
 Z95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% interval
 
@@ -155,3 +156,98 @@ def median_interval(values: Any, z: float = Z95) -> tuple[float, float]:
     if k == 0:
         return (-math.inf, math.inf)
     return (xs[k - 1], xs[n - k])
+
+
+# --- scores of two groups (membership inference): ROC, AUC, thresholds --------------------------
+# A trial is called positive when its score is strictly above the threshold.
+
+def _array(values: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(values, dtype=np.float64).ravel()
+
+
+def auc_score(pos: Any, neg: Any) -> float:
+    """The area under the ROC curve of scores `pos` (positive trials) against `neg`: the probability
+    that a random positive scores above a random negative, ties counting one half (Mann-Whitney U
+    over the pooled ranks). NaN with no trial on either side.
+
+    >>> auc_score([3, 2], [1, 2])
+    0.875
+    """
+    import numpy as np
+    from scipy.stats import rankdata
+
+    p, n = _array(pos), _array(neg)
+    if len(p) == 0 or len(n) == 0:
+        return math.nan
+    ranks = rankdata(np.concatenate([p, n]))
+    return float((ranks[: len(p)].sum() - len(p) * (len(p) + 1) / 2) / (len(p) * len(n)))
+
+
+def threshold_at_fpr(neg: Any, fpr: float, weights: Any = None) -> float:
+    """The lowest threshold that calls at most a share `fpr` of the negative trials `neg` positive:
+    the (floor(fpr * n) + 1)-th largest negative score (calling positive only what is above it). With
+    ties at that score fewer are called, never more; with floor(fpr * n) = 0 it is the largest score.
+    `weights` (a bootstrap's counts per trial) weigh the trials: the first score, from the top, whose
+    running weight passes fpr * total."""
+    import numpy as np
+
+    n = _array(neg)
+    if len(n) == 0:
+        raise ValueError("a threshold at a false-positive rate needs negative trials")
+    order = np.argsort(-n, kind="stable")
+    if weights is None:
+        k = int(math.floor(fpr * len(n) + 1e-9))
+        return float(n[order][min(k, len(n) - 1)])
+    w = _array(weights)[order]
+    through = np.cumsum(w)
+    j = int(np.searchsorted(through, fpr * through[-1] + 1e-9 * max(1.0, through[-1]), side="right"))
+    return float(n[order][min(j, len(n) - 1)])
+
+
+def count_above(scores: Any, threshold: float) -> int:
+    """How many scores the threshold calls positive (strictly above it)."""
+    return int((_array(scores) > threshold).sum())
+
+
+def best_advantage_threshold(pos: Any, neg: Any, pos_weights: Any = None, neg_weights: Any = None) -> float:
+    """The threshold maximising TPR - FPR (Yeom et al.'s membership advantage) on these trials (weighed
+    by a bootstrap's counts when given); of equally good ones, the highest."""
+    import numpy as np
+
+    p, n = _array(pos), _array(neg)
+    if len(p) == 0 or len(n) == 0:
+        raise ValueError("the advantage needs positive and negative trials")
+    wp = np.ones(len(p)) if pos_weights is None else _array(pos_weights)
+    wn = np.ones(len(n)) if neg_weights is None else _array(neg_weights)
+    cuts = np.unique(np.concatenate([p, n, [-np.inf]]))  # ascending; "above cut" for each
+
+    def above(values: Any, w: Any) -> Any:  # weighted share of `values` strictly above each cut
+        order = np.argsort(values, kind="stable")
+        cum = np.concatenate([[0.0], np.cumsum(w[order])])
+        return 1.0 - cum[np.searchsorted(values[order], cuts, side="right")] / max(cum[-1], 1e-300)
+
+    gap = above(p, wp) - above(n, wn)
+    best = np.flatnonzero(gap >= gap.max() - 1e-12)[-1]
+    return float(cuts[best])
+
+
+def roc_points(pos: Any, neg: Any, max_points: int = 300) -> tuple[list[float], list[float]]:
+    """The ROC curve of `pos` against `neg` as (fpr, tpr) lists, fpr ascending from (0, 0) to (1, 1),
+    thinned to at most about `max_points` points spaced evenly in log FPR (the low-FPR end, where a
+    membership attack is judged, keeps its detail; every vertex at the smallest FPRs is kept)."""
+    import numpy as np
+
+    p, n = np.sort(_array(pos)), np.sort(_array(neg))
+    if len(p) == 0 or len(n) == 0:
+        return [0.0, 1.0], [0.0, 1.0]
+    cuts = np.unique(np.concatenate([p, n]))[::-1]  # descending: the curve's vertices in order
+    tpr = np.concatenate([[0.0], 1.0 - np.searchsorted(p, cuts, side="left") / len(p)])
+    fpr = np.concatenate([[0.0], 1.0 - np.searchsorted(n, cuts, side="left") / len(n)])
+    if len(fpr) > max_points:
+        grid = np.concatenate([[0.0], np.logspace(math.log10(1.0 / len(n)), 0.0, max_points - 2)])
+        # at each grid FPR the vertex with the highest TPR not beyond it, and the curve's end
+        keep = np.unique(np.concatenate([[0], np.searchsorted(fpr, grid, side="right") - 1, [len(fpr) - 1]]))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return [round(float(v), 6) for v in fpr], [round(float(v), 6) for v in tpr]

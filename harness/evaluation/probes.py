@@ -1,6 +1,7 @@
-"""The `probes:` section: poisoning probes over fractions, and scans of a training set or a model.
+"""The `probes:` section: poisoning probes over fractions, scans of a training set or a model, and
+privacy probes (membership inference, extraction: harness.evaluation.privacy).
 
-Two kinds of entry:
+Two kinds of poisoning entry:
 
 - a probe (`badnets`, `clean-label`, `label-flip`; `harness list probes`) over `fractions`: for
   each, the training set is poisoned, a model trained with the config's recipe (`train:` over the
@@ -30,6 +31,7 @@ from harness.config.metric_ids import probe_metric_ids  # noqa: F401
 from harness.core.errors import BadInput
 from harness.core.ids import metric_id
 from harness.core.stats import paired_drop_interval, wilson_interval
+from harness.evaluation.privacy import evaluate_privacy, is_privacy
 
 __all__ = ["SCANS", "probe_metric_ids", "evaluate_probes", "PIXEL_KEYS"]
 
@@ -119,12 +121,15 @@ def _spread(cfg, engine, test, train_loader, make_model, num_classes: int, out: 
 
 
 def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_model: Callable[[bool], Any], device, out: Optional[Path],
-                    done: dict[str, dict], emit: Callable[[str, dict], None], engine: Any = None) -> tuple[list[dict], dict[str, float]]:
+                    done: dict[str, dict], emit: Callable[[str, dict], None], engine: Any = None,
+                    base: Path = Path(".")) -> tuple[list[dict], dict[str, float]]:
     """Every `probes:` entry: (scorecard records, metrics). `train_loader()` gives the training Data,
     `make_model(fine_tune)` a model to poison-train (the config's weights, or freshly initialized);
     units in `done` (a resumed run) are reused; `emit(unit, record)` saves each as it finishes. On an
     engine with workers (one that can `map` jobs: Ray), the poisoning fractions train side by side
-    there, each as `fraction_job`; scans run here."""
+    there, each as `fraction_job`; scans run here. Privacy entries run through
+    harness.evaluation.privacy (their shadow models and query budgets spread the same way); `base`
+    is where a thief's model source is found."""
     records: list[dict] = []
     metrics: dict[str, float] = {}
     train = None
@@ -133,6 +138,11 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
     if hasattr(engine, "map"):
         computed, train = _spread(cfg, engine, test, train_loader, make_model, num_classes, out, done, emit)
     for i, entry in enumerate(cfg.probes):
+        if is_privacy(entry.name):
+            for rec in evaluate_privacy(cfg, i, model, test, train_loader, make_model, device, out, done, emit, engine, base):
+                records.append(rec)
+                metrics.update(rec["metrics"])
+            continue
         if entry.name in SCANS:
             unit = f"probe|{i}|{entry.probe_id}"
             rec = done.get(unit)

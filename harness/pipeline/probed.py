@@ -42,7 +42,8 @@ def probed(ctx: RunContext) -> RunContext:
 
     try:
         ctx.probed = evaluate_probes(ctx.cfg, ctx.model, ctx.data, partial(training_data, ctx), partial(_model_to_train, ctx),
-                                     ctx.devices[0], ctx.out, ctx.saved.probes, ctx.probe_finished, getattr(ctx, "engine", None))
+                                     ctx.devices[0], ctx.out, ctx.saved.probes, ctx.probe_finished, getattr(ctx, "engine", None),
+                                     ctx.base)
     except (BadInput, RunFailed):
         raise
     except KeyboardInterrupt:

@@ -193,7 +193,8 @@ def judge_gates(gates: Sequence[GateConfig], metrics: dict[str, float], counts: 
         if warning:
             rec["warning"] = warning
         if not produced:
-            rec.update(verdict="inconclusive", reason="the metric was not produced by this run")
+            absent = ((interval_methods or {}).get(g.metric) or {}).get("why")
+            rec.update(verdict="inconclusive", reason="the metric was not produced by this run" + (f": {absent}" if absent else ""))
         elif nan:
             rec.update(verdict="fail", reason=f"the value of {g.metric} is not a number (NaN): nothing can vouch for it")
         elif rec["op"] != "max_drop":

@@ -112,7 +112,8 @@ def metric_intervals(card: dict[str, Any]) -> dict[str, list[float]]:
 def interval_methods(card: dict[str, Any]) -> dict[str, dict[str, str]]:
     """How each metric's interval was made: {metric id: {"method": "wilson" | "auroc-score" |
     "order-statistic" | ... | "point"}}, with "why" for a "point" metric (one without an interval) and
-    "n": 0 for a producer's metric measured on no sample."""
+    "n": 0 for a producer's metric measured on no sample, and {"method": "absent", "why"} for one its
+    producer names but could not measure (a gate on it is inconclusive, and says why)."""
     counts = metric_counts(card)
     produced = _producer_intervals(card)
     out: dict[str, dict[str, str]] = {}
@@ -128,6 +129,9 @@ def interval_methods(card: dict[str, Any]) -> dict[str, dict[str, str]]:
             out[m] = {"method": "wilson"}
         else:
             out[m] = {"method": "point", "why": "no sample count or interval is recorded for this metric"}
+    for m, entry in produced.items():  # a metric its producer left out on purpose (an FPR too low to resolve)
+        if m not in out and entry.get("method") == "absent":
+            out[m] = {"method": "absent", "why": str(entry.get("why") or "its producer could not measure it")}
     return out
 
 
