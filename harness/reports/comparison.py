@@ -11,6 +11,7 @@ or measured on different data, or sharing no metric beyond clean accuracy, are r
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -23,8 +24,11 @@ __all__ = ["compare", "compare_records", "Comparison"]
 
 CardLike = Union[Scorecard, str, Path]
 
-# +1: higher is better, -1: lower is better; families not listed are shown without a colour
-DIRECTION = {"clean_accuracy": 1, "robust_accuracy": 1, "attack_success_rate": -1, "median_perturbation": 1}
+# +1: higher is better, -1: lower is better; families not listed are shown without a colour.
+# Privacy: what a membership-inference attack or a model thief achieves is lower-better; a defense's fidelity drop higher-better.
+DIRECTION = {"clean_accuracy": 1, "robust_accuracy": 1, "attack_success_rate": -1, "median_perturbation": 1,
+             "tpr_at_fpr": -1, "auc": -1, "advantage": -1, "fidelity": -1, "stolen_accuracy": -1,
+             "fidelity_drop": 1, "clean_accuracy_cost": -1}
 _TINY = 1e-12  # a change below this is float noise, not a change
 
 
@@ -159,6 +163,44 @@ def _curve_rows(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> dic
     return {norm: out[norm] for norm in sorted(out)}
 
 
+def _privacy_rows(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per membership probe id, each version's ROC (and the FPR floor of the version that resolves the
+    lowest rates); per extraction probe id, each version's fidelity against the budget, undefended and
+    per output defense."""
+    from harness.reports.privacy import roc_floor
+
+    membership: dict[str, dict[str, Any]] = {}
+    extraction: dict[str, dict[str, Any]] = {}
+    for r, label in zip(records, labels):
+        for p in r.get("probes") or []:
+            if not isinstance(p, dict):
+                continue
+            pid = str(p.get("id"))
+            if p.get("kind") == "membership":
+                roc = p.get("roc") or {}
+                entry = membership.setdefault(pid, {"id": pid, "floor": 1.0, "lines": {}})
+                entry["lines"][label] = [[float(x), float(y)] for x, y in zip(roc.get("fpr") or [], roc.get("tpr") or [])
+                                         if _number(x) and _number(y)]
+                entry["floor"] = min(entry["floor"], roc_floor((p.get("evaluation") or {}).get("n_nonmembers")))
+            elif p.get("kind") == "extraction" and _number(p.get("budget")):
+                entry = extraction.setdefault(pid, {"id": pid, "versions": [], "kinds": [], "lines": {}})
+                if label not in entry["versions"]:
+                    entry["versions"].append(label)
+                answers = [("undefended", p)] + [(str(d.get("defense")), d) for d in p.get("defenses") or [] if isinstance(d, dict)]
+                for kind, source in answers:
+                    if kind not in entry["kinds"]:
+                        entry["kinds"].append(kind)
+                    if _number(source.get("fidelity")):
+                        entry["lines"].setdefault(f"{label}: {kind}", []).append([float(p["budget"]), float(source["fidelity"])])
+    for entry in extraction.values():
+        entry["lines"] = {k: sorted(v) for k, v in entry["lines"].items()}
+    return {"membership": list(membership.values()), "extraction": list(extraction.values())}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _flip_rows(cards: Sequence[Scorecard], labels: Sequence[str], shared: Sequence[str]) -> list[dict[str, Any]]:
     """Per non-reference version: per shared robust accuracy both carry per-sample outcomes for, how
     many samples went robust -> broken and back against the reference, McNemar's p, and by class.
@@ -241,7 +283,8 @@ def compare_records(cards: Sequence[Scorecard], labels: Optional[Sequence[str]] 
         "reference": labels[0], "versions": versions,
         "data": {"source": source, "split": split, "dataset_sha256": (records[0].get("provenance") or {}).get("dataset_sha256")},
         "metrics": shared, "partial_metrics": partial, "gates": _gate_rows(records),
-        "curves": _curve_rows(records, labels), "flips": _flip_rows(cards, labels, [row["metric"] for row in shared]),
+        "curves": _curve_rows(records, labels), "privacy": _privacy_rows(records, labels),
+        "flips": _flip_rows(cards, labels, [row["metric"] for row in shared]),
     }
 
 
@@ -298,7 +341,8 @@ def _render(record: dict[str, Any], compact: bool) -> str:
     import jinja2
     from markupsafe import Markup
 
-    from harness.reports.render import curve_svg
+    from harness.reports.privacy import _DASHES, budget_svg, roc_svg
+    from harness.reports.render import _PALETTE, curve_svg
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -307,7 +351,18 @@ def _render(record: dict[str, Any], compact: bool) -> str:
     env.filters["pvalue"] = lambda p: f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
     charts = [(norm, Markup(curve_svg(norm, {k: [tuple(p) for p in pts] for k, pts in lines.items()})))
               for norm, lines in record["curves"].items()]
-    return env.get_template("compare.html.j2").render(c=record, charts=charts, compact=compact)
+    privacy = record.get("privacy") or {}  # a comparison record saved before privacy probes had none
+    colour = {v["label"]: _PALETTE[i % len(_PALETTE)] for i, v in enumerate(record["versions"])}  # one per version
+    rocs = [(m["id"], Markup(roc_svg({k: [tuple(p) for p in pts] for k, pts in m["lines"].items()}, floor=m["floor"],
+                                     colours=colour, title=f"{m['id']}: membership ROC per version, log-log")))
+            for m in privacy.get("membership", [])]
+    thefts = []
+    for e in privacy.get("extraction", []):
+        lines = [{"name": f"{v}: {k}", "points": [tuple(p) for p in e["lines"][f"{v}: {k}"]], "colour": colour.get(v),
+                  "dash": _DASHES[j % len(_DASHES)]} for v in e["versions"] for j, k in enumerate(e["kinds"]) if f"{v}: {k}" in e["lines"]]
+        thefts.append((e["id"], Markup(budget_svg(lines, title=f"{e['id']}: fidelity against the query budget per version",
+                                                  y_label="fidelity (agreement with the victim)"))))
+    return env.get_template("compare.html.j2").render(c=record, charts=charts, rocs=rocs, thefts=thefts, compact=compact)
 
 
 def _load(card: CardLike, i: int) -> tuple[Scorecard, str]:

@@ -20,7 +20,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["report_html", "compact_html", "junit_xml", "summary_md", "curve_svg", "style_css"]
+__all__ = ["report_html", "compact_html", "junit_xml", "summary_md", "curve_svg",
+           "style_css"]
 
 _TEMPLATES = Path(__file__).with_name("templates")
 _VERDICTS = ("pass", "fail", "inconclusive")
@@ -327,7 +328,7 @@ def _probes(record: dict[str, Any]) -> Optional[dict[str, Any]]:
     scans = [p for p in records if p["kind"] in ("model-scan", "data-scan")]
     for p in scans:
         p["images_ok"] = _png_ok(p.get("mask")) and _png_ok(p.get("pattern"))
-    return {"probes": probes, "scans": scans}
+    return {"probes": probes, "scans": scans} if probes or scans else None  # privacy records have their own section
 
 
 def _png_ok(b64: Any) -> bool:
@@ -340,6 +341,12 @@ def _png_ok(b64: Any) -> bool:
         return base64.b64decode(b64, validate=True)[:8] == b"\x89PNG\r\n\x1a\n"
     except (binascii.Error, ValueError):
         return False
+
+
+def _privacy_section(record: dict[str, Any]) -> Optional[dict[str, Any]]:
+    from harness.reports.privacy import privacy_section  # it draws with this module's helpers
+
+    return privacy_section(record)
 
 
 def _defenses(record: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -391,7 +398,7 @@ def report_html(record: dict[str, Any]) -> str:
     record = decode_infinities(record)  # a record as saved spells inf "inf"; the sections compute with floats
     ctx = _context(record)
     ctx.update(classes=_classes(record), examples=_examples(record), probes=_probes(record),
-               defenses=_defenses(record), provenance=_provenance(record),
+               privacy=_privacy_section(record), defenses=_defenses(record), provenance=_provenance(record),
                stages=[a for a in record.get("attacks", []) if a.get("stages")])
     return _env().get_template("report.html.j2").render(**ctx)
 
