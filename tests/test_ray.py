@@ -240,3 +240,65 @@ def test_poisoning_fractions_train_side_by_side_on_the_workers_with_the_local_an
     assert remote.metrics["attack_success_rate:badnets@0.1"] > 0.5 and remote.metrics["clean_accuracy:badnets@0.1"] > 0.6  # trained models, not empty ones
     for rel in ("scans/badnets@0.02-activation-clustering.json", "scans/badnets@0.1-activation-clustering.json"):
         assert (tmp_path / "ray" / rel).read_text() == (tmp_path / "local" / rel).read_text()  # written by the driver
+
+
+PRIVACY = {
+    "name": "privacy-ray", "seed": 0, "device": "cpu",
+    "model": {"source": "builtin:digits-cnn"},
+    "data": {"source": "builtin:digits", "split": "test", "limit": 150},
+    "attacks": [],
+    "train": {"epochs": 3, "data": {"limit": 300}},
+    "probes": [{"name": "membership-inference", "id": "mia", "shadow_models": 6},
+               {"name": "extraction", "id": "steal", "queries": "holdout", "budgets": [100, 200], "min_steps": 40,
+                "defenses": ["labels-only"]}],
+}
+
+
+def test_privacy_shadow_models_and_query_budgets_run_on_the_workers_with_the_local_answer(local_ray, tmp_path):
+    """Each membership-inference shadow model and each extraction budget is a job on a worker
+    (RayEngine.map); the records, metrics, intervals, ROC points and keep masks are the local run's."""
+    from harness.engines.cluster import RayEngine
+
+    class Watched(RayEngine):
+        """A RayEngine that keeps what each map call sent and what came back from the workers."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.maps: list[tuple[str, int, list]] = []
+
+        def map(self, fn, jobs, on_done=None):
+            results = super().map(fn, jobs, on_done)
+            self.maps.append((f"{fn.__module__}.{fn.__name__}", len(jobs), results))
+            return results
+
+    local = harness.run(PRIVACY, out=tmp_path / "local", show_progress=False)
+    engine = Watched(workers=2, threads=1, device="cpu")
+    try:
+        remote = harness.run(PRIVACY, out=tmp_path / "ray", show_progress=False, engine=engine)
+        assert engine.size == 2
+    finally:
+        engine.close()
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert [r["kind"] for r in remote.record["probes"]] == ["membership", "extraction", "extraction"]
+    assert strip(remote.record["probes"]) == strip(local.record["probes"])  # every metric, interval, level and ROC point
+    assert remote.metrics == local.metrics
+    for key in ("intervals", "interval_methods"):
+        assert remote.record[key] == local.record[key], key
+    assert remote.record["intervals"]["auc:mia"]
+    assert remote.record["interval_methods"]["tpr_at_fpr:mia@0.001"]["method"] == "absent"  # 450 non-member trials: too few
+    rel = "privacy/mia-keep.json"
+    assert remote.record["probes"][0]["keep_file"] == rel
+    assert (tmp_path / "ray" / rel).read_text() == (tmp_path / "local" / rel).read_text()  # written by the driver
+    # the units ran as jobs on the workers: six shadow models, then the two budgets, and what came back is the record
+    # (the runner's validity checks are a map job too: checks_job, before the probes)
+    jobs = [(name, n, results) for name, n, results in engine.maps if name.startswith("harness.evaluation.privacy.")]
+    assert [(name, n) for name, n, _ in jobs] == [("harness.evaluation.privacy.shadow_job", 6),
+                                                  ("harness.evaluation.privacy.budget_job", 2)]
+    shadows, budgets = jobs[0][2], jobs[1][2]
+    assert [s["model"] for s in shadows] == list(range(6)) and all(len(s["loss"]) == 300 for s in shadows)
+    keep = json.loads((tmp_path / "ray" / rel).read_text())["keep"]
+    assert [s["n_train"] for s in shadows] == [sum(row) for row in keep]
+    assert strip(budgets) == strip(remote.record["probes"][1:])
+    # trained models, not empty ones (chance is 0.1 on digits)
+    assert remote.record["probes"][0]["shadow_accuracy"]["members"] > 0.25
+    assert all(r["stolen_accuracy"] > 0.5 and r["victim_accuracy"] > 0.9 for r in remote.record["probes"][1:])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-
 from harness.reports.render import _FONT, _LEGEND_CHARS, _PALETTE, _is_number, _nice_step, _num
 
 __all__ = ["roc_svg", "budget_svg", "roc_floor", "privacy_section"]
