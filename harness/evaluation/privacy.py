@@ -281,6 +281,7 @@ def _membership(cfg: Any, i: int, model: Any, test: Any, train: Any, make_model:
     keep = _keep(cfg, i, probe, len(y))
     units = [f"probe|{i}|{pid}|shadow-{k}" for k in range(len(keep))]
     shadows: dict[int, dict] = {k: done[u] for k, u in enumerate(units) if u in done}
+    earlier = sum(float(s.get("seconds", 0.0)) for s in shadows.values())  # what a resumed run reuses took before
     pending = [k for k in range(len(keep)) if k not in shadows]
     if pending and hasattr(engine, "map"):
         model_ref, train_ref, test_ref = engine.share_model(make_model(False)), engine.share_data(train), engine.share_data(test)
@@ -330,7 +331,7 @@ def _membership(cfg: Any, i: int, model: Any, test: Any, train: Any, make_model:
                                             "member": [[int(v) for v in row] for row in labels],
                                             "scores": [[_r(v) for v in row] for row in scores]}) + "\n")
         rec["keep_file"] = f"privacy/{pid}-keep.json"
-    rec["seconds"] = round(time.perf_counter() - t0 + sum(s.get("seconds", 0.0) for s in shadows.values()), 3)
+    rec["seconds"] = round(time.perf_counter() - t0 + earlier, 3)
     return rec
 
 
