@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 import harness
+from harness.core.stats import wilson_interval
 from harness.sources.builtin import RECIPE, DigitsCNN, digits_cnn
 from harness.sources.data import digits_split
 
@@ -93,16 +94,6 @@ def classifier(net: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    if n <= 0:
-        return (0.0, 1.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
 def roc_tpr_at(fpr: np.ndarray, tpr: np.ndarray, level: float) -> float:
     ok = np.asarray(fpr) <= level + 1e-12
     return float(np.max(np.asarray(tpr)[ok])) if ok.any() else 0.0
@@ -114,7 +105,7 @@ def calibrated(cal_m: np.ndarray, cal_n: np.ndarray, ev_m: np.ndarray, ev_n: np.
     allowed = int(math.floor(level * len(cal_n)))
     t = float(np.sort(cal_n)[::-1][allowed]) if allowed < len(cal_n) else -math.inf
     k = int((ev_m > t).sum())
-    return {"tpr": k / len(ev_m), "ci95": wilson(k, len(ev_m)), "fpr": float((ev_n > t).mean()), "threshold": t}
+    return {"tpr": k / len(ev_m), "ci95": wilson_interval(k, len(ev_m)), "fpr": float((ev_n > t).mean()), "threshold": t}
 
 
 def auc(s_m: np.ndarray, s_n: np.ndarray) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from harness.records.scorecard import SCHEMA_VERSION
 from harness.reports import render
 from harness.reports.comparison import DIRECTION, Comparison, compare_records
+from tests.test_report import Page as ReportPage
 from harness.reports.scorecard import Scorecard
 from harness.verdicts.metrics import metric_intervals
 
@@ -85,22 +85,18 @@ def card(probes: list[dict[str, Any]], name: str = "privacy") -> dict[str, Any]:
 
 # --- reading the page back ------------------------------------------------------------------------------
 
-class Page(HTMLParser):
-    """Start tags with attributes, the text, the svg of each <figure> by class, and each table by class."""
+class Page(ReportPage):
+    """tests.test_report's page (start tags with attributes, the text), and each table by class."""
 
     def __init__(self, html: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict[str, str]]] = []
-        self.text: list[str] = []
         self.tables: dict[str, list[list[str]]] = {}
         self._table: list[str] = []
         self._cell: list[str] | None = None
-        self.feed(html)
-        self.close()
+        super().__init__(html)
 
     def handle_starttag(self, tag, attrs):
-        a = {k: v or "" for k, v in attrs}
-        self.tags.append((tag, a))
+        super().handle_starttag(tag, attrs)
+        a = self.tags[-1][1]
         if tag == "table":
             self._table.append(a.get("class", ""))
             self.tables.setdefault(self._table[-1], [])
@@ -108,6 +104,8 @@ class Page(HTMLParser):
             self.tables[self._table[-1]].append([])
         elif tag in ("td", "th") and self._table:
             self._cell = []
+
+    handle_startendtag = handle_starttag
 
     def handle_endtag(self, tag):
         if tag in ("td", "th") and self._cell is not None and self._table:
@@ -117,19 +115,9 @@ class Page(HTMLParser):
             self._table.pop()
 
     def handle_data(self, data):
-        self.text.append(data)
+        super().handle_data(data)
         if self._cell is not None:
             self._cell.append(data)
-
-    def find(self, tag: str) -> list[dict[str, str]]:
-        return [a for t, a in self.tags if t == tag]
-
-    def ids(self) -> set[str]:
-        return {a["id"] for _, a in self.tags if "id" in a}
-
-    @property
-    def alltext(self) -> str:
-        return "".join(self.text)
 
 
 def figures(html: str, cls: str) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-from harness.reports.render import _FONT, _LEGEND_CHARS, _PALETTE, _is_number, _nice_step, _num
+from harness.reports.render import _FONT, _LEGEND_CHARS, _PALETTE, _is_number, _nice_step, _num, legend_entry
 
 __all__ = ["roc_svg", "budget_svg", "roc_floor", "privacy_section"]
 
@@ -122,10 +122,7 @@ def _plot_svg(title: str, lines: list[dict[str, Any]], xa: _Axis, ya: _Axis, *, 
             if item.get("marks", True) or len(pts) == 1:
                 out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{colour}"><title>{escape(shown[name])} at '
                         f'{x:g}: {y:.4f}</title></circle>' for x, y in pts]
-        ly = top + 10 + 18 * i
-        out.append(f'<g class="legend"><line x1="{left + plot_w + 14}" x2="{left + plot_w + 38}" y1="{ly}" y2="{ly}" '
-                   f'stroke="{colour}" stroke-width="2"{dash}/><text x="{left + plot_w + 44}" y="{ly + 4}" font-size="12" '
-                   f'fill="#1f2328"><title>{escape(name)}</title>{escape(shown[name])}</text></g>')
+        out.append(legend_entry(i, top, left + plot_w, colour, dash, name, shown[name]))
     out.append("</svg>")
     return "".join(out)
 

@@ -122,6 +122,17 @@ def _nice_step(span: float, ticks: int = 4) -> float:
     return next(m * scale for m in (1, 2, 2.5, 5, 10) if m * scale >= raw * (1 - 1e-9))
 
 
+def legend_entry(i: int, top: float, right: float, colour: str, dash: str, name: str, shown: str) -> str:
+    """The i-th legend row beside a chart whose plot ends at x = `right`: a line in the series' style
+    and its (shortened) name, the full name as its tooltip; both escaped."""
+    from markupsafe import escape
+
+    ly = top + 10 + 18 * i
+    return (f'<g class="legend"><line x1="{right + 14}" x2="{right + 38}" y1="{ly}" y2="{ly}" stroke="{colour}" '
+            f'stroke-width="2"{dash}/><text x="{right + 44}" y="{ly + 4}" font-size="12" fill="#1f2328">'
+            f'<title>{escape(name)}</title>{escape(shown)}</text></g>')
+
+
 def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]], *, title: Optional[str] = None,
               x_label: Optional[str] = None, y_label: str = "robust accuracy") -> str:
     """Robust accuracy against epsilon as inline SVG (no script, no fetch, labels escaped): one line
@@ -171,10 +182,7 @@ def curve_svg(norm: str, lines: dict[str, list[tuple[float, float]]], *, title: 
             tip = f"<title>{escape(shown[name])} at {x:g}: {y:.4f}</title>"
             parts.append(f'<rect x="{sx(x) - 3.5:.1f}" y="{sy(y) - 3.5:.1f}" width="7" height="7" fill="{colour}">{tip}</rect>' if worst
                          else f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{colour}">{tip}</circle>')
-        ly = top + 10 + 18 * i
-        parts.append(f'<g class="legend"><line x1="{left + plot_w + 14}" x2="{left + plot_w + 38}" y1="{ly}" y2="{ly}" '
-                     f'stroke="{colour}" stroke-width="2"{dash}/><text x="{left + plot_w + 44}" y="{ly + 4}" font-size="12" '
-                     f'fill="#1f2328"><title>{escape(name)}</title>{escape(shown[name])}</text></g>')
+        parts.append(legend_entry(i, top, left + plot_w, colour, dash, name, shown[name]))
     parts.append("</svg>")
     return "".join(parts)
 
