@@ -422,3 +422,20 @@ def test_a_gate_on_a_privacy_metric_the_config_does_not_make_is_refused():
     with pytest.raises(BadInput, match="unknown metric 'fidelity:steal@500'"):
         parse_config({"probes": [{"name": "extraction", "id": "steal", "budgets": [100]}],
                       "gates": [{"metric": "fidelity:steal@500", "max": 0.5}]})
+
+
+@pytest.mark.slow
+def test_the_shipped_privacy_suite_finds_what_its_page_says(tmp_path):
+    """configs/privacy.yaml as CI runs it (about a minute): LiRA on 8 shadow models finds a little
+    leakage in the builtin CNN (AUROC above chance, TPR at 1% FPR above 1%), a thief copies most of it
+    from photo patches, and answering labels only costs a thief agreement; every gate passes."""
+    import harness
+
+    card = harness.run(str(Path(__file__).parent.parent / "configs" / "privacy.yaml"), show_progress=False, out=tmp_path)
+    m = card.metrics
+    iv = {k: v["ci95"] for p in card.record["probes"] for k, v in p["metric_intervals"].items() if v.get("ci95")}
+    assert card.passed and [g["verdict"] for g in card.record["gates"]] == ["pass"] * 4
+    assert iv["auc:mia"][0] > 0.5 and 0.01 < m["tpr_at_fpr:mia@0.01"] < 0.06
+    assert "tpr_at_fpr:mia@0.001" in m  # 8 models x 1347 digits: ~2,700 non-member trials per part resolve 0.001
+    assert m["fidelity:steal@1000"] > 0.7 and iv["fidelity_drop:steal/labels-only@1000"][0] > 0.1
+    assert m["clean_accuracy_cost:steal/labels-only"] == 0.0
