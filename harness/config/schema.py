@@ -204,7 +204,14 @@ class ProbeConfig(_Knobs):
         if self.name in PRIVACY:
             if self.fractions or self.scans:
                 raise ValueError(f"{self.name!r} is a privacy probe: it takes no `fractions` or `scans`")
-            self.build()
+            thief = getattr(self.build(), "thief", None)
+            if thief is not None:  # a model source, checked as model.source is, before anything loads
+                from harness.sources.models import check_source
+
+                try:
+                    _reraise(check_source, thief)
+                except ValueError as e:
+                    raise ValueError(f"thief: {e}") from None
             return self
         if self.name in SCANS:
             if self.fractions or self.scans:

@@ -185,25 +185,17 @@ def auc_score(pos: Any, neg: Any) -> float:
     return float((ranks[: len(p)].sum() - len(p) * (len(p) + 1) / 2) / (len(p) * len(n)))
 
 
-def threshold_at_fpr(neg: Any, fpr: float, weights: Any = None) -> float:
+def threshold_at_fpr(neg: Any, fpr: float) -> float:
     """The lowest threshold that calls at most a share `fpr` of the negative trials `neg` positive:
     the (floor(fpr * n) + 1)-th largest negative score (calling positive only what is above it). With
-    ties at that score fewer are called, never more; with floor(fpr * n) = 0 it is the largest score.
-    `weights` (a bootstrap's counts per trial) weigh the trials: the first score, from the top, whose
-    running weight passes fpr * total."""
+    ties at that score fewer are called, never more; with floor(fpr * n) = 0 it is the largest score."""
     import numpy as np
 
     n = _array(neg)
     if len(n) == 0:
         raise ValueError("a threshold at a false-positive rate needs negative trials")
-    order = np.argsort(-n, kind="stable")
-    if weights is None:
-        k = int(math.floor(fpr * len(n) + 1e-9))
-        return float(n[order][min(k, len(n) - 1)])
-    w = _array(weights)[order]
-    through = np.cumsum(w)
-    j = int(np.searchsorted(through, fpr * through[-1] + 1e-9 * max(1.0, through[-1]), side="right"))
-    return float(n[order][min(j, len(n) - 1)])
+    k = int(math.floor(fpr * len(n) + 1e-9))
+    return float(np.sort(n)[::-1][min(k, len(n) - 1)])
 
 
 def count_above(scores: Any, threshold: float) -> int:
@@ -211,24 +203,18 @@ def count_above(scores: Any, threshold: float) -> int:
     return int((_array(scores) > threshold).sum())
 
 
-def best_advantage_threshold(pos: Any, neg: Any, pos_weights: Any = None, neg_weights: Any = None) -> float:
-    """The threshold maximising TPR - FPR (Yeom et al.'s membership advantage) on these trials (weighed
-    by a bootstrap's counts when given); of equally good ones, the highest."""
+def best_advantage_threshold(pos: Any, neg: Any) -> float:
+    """The threshold maximising TPR - FPR (Yeom et al.'s membership advantage) on these trials; of
+    equally good ones, the highest."""
     import numpy as np
 
     p, n = _array(pos), _array(neg)
     if len(p) == 0 or len(n) == 0:
         raise ValueError("the advantage needs positive and negative trials")
-    wp = np.ones(len(p)) if pos_weights is None else _array(pos_weights)
-    wn = np.ones(len(n)) if neg_weights is None else _array(neg_weights)
     cuts = np.unique(np.concatenate([p, n, [-np.inf]]))  # ascending; "above cut" for each
-
-    def above(values: Any, w: Any) -> Any:  # weighted share of `values` strictly above each cut
-        order = np.argsort(values, kind="stable")
-        cum = np.concatenate([[0.0], np.cumsum(w[order])])
-        return 1.0 - cum[np.searchsorted(values[order], cuts, side="right")] / max(cum[-1], 1e-300)
-
-    gap = above(p, wp) - above(n, wn)
+    tpr = 1.0 - np.searchsorted(np.sort(p), cuts, side="right") / len(p)
+    fpr = 1.0 - np.searchsorted(np.sort(n), cuts, side="right") / len(n)
+    gap = tpr - fpr
     best = np.flatnonzero(gap >= gap.max() - 1e-12)[-1]
     return float(cuts[best])
 

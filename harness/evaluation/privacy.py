@@ -34,6 +34,7 @@ import torch
 
 from harness.core.errors import BadInput
 from harness.core.ids import metric_id
+from harness.evaluation.entries import whole, wilson_entry
 from harness.core.stats import (auc_score, auroc_interval, best_advantage_threshold, count_above, newcombe_interval,
                                 paired_drop_interval, roc_points, threshold_at_fpr, wilson_interval)
 
@@ -51,10 +52,6 @@ def is_privacy(name: str) -> bool:
 
 def fpr_label(fpr: float) -> str:
     return f"{fpr:g}"
-
-
-def _whole(data: Any) -> torch.Tensor:
-    return data.read(slice(None))
 
 
 def _r(v: float, digits: int = 6) -> float:
@@ -224,11 +221,11 @@ def membership_metrics(scores: torch.Tensor, member: torch.Tensor, groups: torch
 def _pool(probe: Any, train: Any, test: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], list]:
     """(x, y, member or None, [[source, split, id], ...]) of the examples the shadow models split."""
     if probe.target == "shadows":
-        return _whole(train), train.y, None, [[train.source, train.split, int(i)] for i in train.ids]
+        return whole(train), train.y, None, [[train.source, train.split, int(i)] for i in train.ids]
     if (train.source, train.split) == (test.source, test.split):
         raise BadInput("probes", f"membership-inference target: model takes the training data ({train.source}, split {train.split}) "
                        f"as members and the evaluated data as non-members, but both are split {test.split} of {test.source}")
-    x = torch.cat([_whole(train), _whole(test)])
+    x = torch.cat([whole(train), whole(test)])
     y = torch.cat([train.y, test.y])
     member = torch.cat([torch.ones(len(train), dtype=torch.bool), torch.zeros(len(test), dtype=torch.bool)])
     ids = [[d.source, d.split, int(i)] for d in (train, test) for i in d.ids]
@@ -310,7 +307,8 @@ def _membership(cfg: Any, i: int, model: Any, test: Any, train: Any, make_model:
         scores, labels, groups = torch.stack(rows), keep, torch.arange(len(y)).expand(len(keep), len(y))
     if not bool(torch.isfinite(scores).all()):
         bad = int((~torch.isfinite(scores)).sum())
-        raise FloatingPointError(f"membership-inference {pid}: {bad} trial score(s) are not finite")
+        raise BadInput(f"probes[{i}]", f"membership-inference {pid}: {bad} trial score(s) are not finite (the models' logits "
+                       "are infinite or NaN on some pool examples)")
     rec: dict[str, Any] = {"id": pid, "name": entry.name, "kind": "membership", "method": probe.method,
                            "variant": probe.variant if probe.method == "lira" else None,
                            "variance": probe.variance if probe.method == "lira" else None, "target": probe.target,
@@ -346,8 +344,8 @@ def budget_record(cfg: Any, i: int, budget: int, victim: Any, make_thief: Callab
     entry = cfg.probes[i]
     probe, pid = entry.build(), entry.probe_id
     t0 = time.perf_counter()
-    x_test = _whole(test)
-    holdout = _whole(train) if probe.queries == "holdout" else None
+    x_test = whole(test)
+    holdout = whole(train) if probe.queries == "holdout" else None
     if holdout is not None and len(holdout) < max(probe.budgets):
         raise BadInput(f"probes[{i}].budgets", f"queries: holdout has {len(holdout)} training images, fewer than the budget "
                        f"{max(probe.budgets)}: lower the budget or use uniform-noise or patches")
@@ -373,7 +371,7 @@ def budget_record(cfg: Any, i: int, budget: int, victim: Any, make_thief: Callab
                            "stolen_accuracy": _r(acc), "defenses": []}
     at = str(budget)
     ms = {metric_id("fidelity", pid, at): _r(fid), metric_id("stolen_accuracy", pid, at): _r(acc)}
-    iv = {metric_id("fidelity", pid, at): _wilson(int(agree.sum()), n), metric_id("stolen_accuracy", pid, at): _wilson(int(right.sum()), n)}
+    iv = {metric_id("fidelity", pid, at): wilson_entry(int(agree.sum()), n), metric_id("stolen_accuracy", pid, at): wilson_entry(int(right.sum()), n)}
     for d in probe.output_defenses():
         sub = f"{pid}/{d.label}"
         d_labels = thief_on(d.apply(probs))
@@ -385,17 +383,12 @@ def budget_record(cfg: Any, i: int, budget: int, victim: Any, make_thief: Callab
                                 "victim_accuracy": _r(served_right.double().mean()), "clean_accuracy_cost": _r(cost)})
         ms.update({metric_id("fidelity", sub, at): _r(d_fid), metric_id("stolen_accuracy", sub, at): _r(d_acc),
                    metric_id("fidelity_drop", sub, at): _r(drop), metric_id("clean_accuracy_cost", sub): _r(cost)})
-        iv.update({metric_id("fidelity", sub, at): _wilson(int(d_agree.sum()), n),
-                   metric_id("stolen_accuracy", sub, at): _wilson(int(d_right.sum()), n),
+        iv.update({metric_id("fidelity", sub, at): wilson_entry(int(d_agree.sum()), n),
+                   metric_id("stolen_accuracy", sub, at): wilson_entry(int(d_right.sum()), n),
                    metric_id("fidelity_drop", sub, at): _paired(agree, d_agree),
                    metric_id("clean_accuracy_cost", sub): _paired(victim_right, served_right)})
     rec.update(metrics=ms, metric_intervals=iv, seconds=round(time.perf_counter() - t0, 3))
     return rec
-
-
-def _wilson(successes: int, n: int) -> dict[str, Any]:
-    lo, hi = wilson_interval(successes, n)
-    return {"ci95": [_r(lo), _r(hi)], "method": "wilson", "n": int(n)}
 
 
 def _paired(before: torch.Tensor, after: torch.Tensor) -> dict[str, Any]:

@@ -30,7 +30,10 @@ from harness.attacks.scans import SCANS, check_probe_name  # noqa: F401 (importa
 from harness.config.metric_ids import probe_metric_ids  # noqa: F401
 from harness.core.errors import BadInput
 from harness.core.ids import metric_id
-from harness.core.stats import paired_drop_interval, wilson_interval
+from harness.core.stats import paired_drop_interval
+from harness.evaluation.entries import whole, wilson_entry
+
+_wilson = wilson_entry  # the name this module's interval entries had before they were shared
 from harness.evaluation.privacy import evaluate_privacy, is_privacy
 
 __all__ = ["SCANS", "probe_metric_ids", "evaluate_probes", "PIXEL_KEYS"]
@@ -79,12 +82,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value.item() if hasattr(value, "item") else value
-
-
-def _whole(data) -> torch.Tensor:
-    """All of a sample source's images: poison training and the scans work on whole sets in memory.
-    A slice, so the in-memory kind gives a view rather than a copy."""
-    return data.read(slice(None))
 
 
 def _check_fractions(i: int, entry, probe, train) -> None:
@@ -149,14 +146,14 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
             if rec is None:
                 t0 = time.perf_counter()
                 if entry.name == "neural-cleanse":
-                    res = _neural_cleanse(model, _whole(test).to(device), test.y.to(device), num_classes, entry.params)
+                    res = _neural_cleanse(model, whole(test).to(device), test.y.to(device), num_classes, entry.params)
                     rec = {"id": entry.probe_id, "name": entry.name, "kind": "model-scan", **_plain(res),
                            "seconds": round(time.perf_counter() - t0, 3)}
                     metrics_of = {metric_id("anomaly_index", "neural-cleanse"): rec.get("anomaly_index")}
                     rec["metric_intervals"] = {metric_id("anomaly_index", "neural-cleanse"): _point(ANOMALY_WHY)}
                 else:
                     train = train if train is not None else train_loader()
-                    report = _scan_training_set(entry.name, model, _whole(train).to(device), train.y.to(device), None, entry.params)
+                    report = _scan_training_set(entry.name, model, whole(train).to(device), train.y.to(device), None, entry.params)
                     ids = [int(train.ids[j]) for j in report.get("flagged_ids", [])]
                     if out is not None:
                         scans_module().write_flagged(Path(out) / "scans" / f"{entry.probe_id}.json", ids, scan=entry.name)
@@ -164,7 +161,7 @@ def evaluate_probes(cfg, model, test, train_loader: Callable[[], Any], make_mode
                            "n_flagged": len(ids), "flagged_fraction": len(ids) / max(1, len(train)),
                            "flagged_file": f"scans/{entry.probe_id}.json", "seconds": round(time.perf_counter() - t0, 3)}
                     metrics_of = {metric_id("flagged_fraction", entry.probe_id): rec["flagged_fraction"]}
-                    rec["metric_intervals"] = {metric_id("flagged_fraction", entry.probe_id): _wilson(len(ids), len(train))}
+                    rec["metric_intervals"] = {metric_id("flagged_fraction", entry.probe_id): wilson_entry(len(ids), len(train))}
                 rec["metrics"] = metrics_of
                 emit(unit, rec)
             records.append(rec)
@@ -200,7 +197,7 @@ def fraction_record(cfg, i: int, entry, probe, f, train, test, make_model: Calla
 
     t0 = time.perf_counter()
     plan = train_plan(cfg)
-    res = probe.run(lambda: make_model(fine_tune), (_whole(train), train.y), (_whole(test), test.y), f.value, plan,
+    res = probe.run(lambda: make_model(fine_tune), (whole(train), train.y), (whole(test), test.y), f.value, plan,
                     device, plan.seed if plan.seed is not None else cfg.seed)
     rec = {"id": entry.probe_id, "name": entry.name, "kind": "probe", "fraction": f.label, "fraction_value": f.value,
            **{k: _plain(_rounded(getattr(res, k))) for k in ("attack_success_rate", "clean_accuracy", "clean_accuracy_baseline",
@@ -217,11 +214,11 @@ def fraction_record(cfg, i: int, entry, probe, f, train, test, make_model: Calla
         ms[cost] = rec["clean_accuracy_baseline"] - rec["clean_accuracy"]
         intervals[cost] = _paired_cost(getattr(res, "discordant", None), len(test))
         rec["n_discordant"] = list(res.discordant) if getattr(res, "discordant", None) is not None else None
-    poisoned_x, poisoned_y = getattr(res, "poisoned_train", None) or (_whole(train), train.y)
+    poisoned_x, poisoned_y = getattr(res, "poisoned_train", None) or (whole(train), train.y)
     for scan in entry.scans:
         subject = f"{entry.probe_id}/{scan}"
         if scan == "neural-cleanse":
-            nc = _neural_cleanse(res.model, _whole(test).to(device), test.y.to(device), num_classes, {})
+            nc = _neural_cleanse(res.model, whole(test).to(device), test.y.to(device), num_classes, {})
             rec["scans"].append({"scan": scan, **_plain(nc)})
             ms[metric_id("anomaly_index", subject, f.label)] = nc.get("anomaly_index")
             intervals[metric_id("anomaly_index", subject, f.label)] = _point(ANOMALY_WHY)
@@ -239,8 +236,8 @@ def fraction_record(cfg, i: int, entry, probe, f, train, test, make_model: Calla
             ms[metric_id("scan_precision", subject, f.label)] = report.get("precision")
             ms[metric_id("scan_recall", subject, f.label)] = report.get("recall")
             hits = int(report.get("true_positives", 0))
-            intervals[metric_id("scan_precision", subject, f.label)] = _wilson(hits, int(report["n_flagged"]))
-            intervals[metric_id("scan_recall", subject, f.label)] = _wilson(hits, int(report.get("n_poisoned", 0)))
+            intervals[metric_id("scan_precision", subject, f.label)] = wilson_entry(hits, int(report["n_flagged"]))
+            intervals[metric_id("scan_recall", subject, f.label)] = wilson_entry(hits, int(report.get("n_poisoned", 0)))
     if all(hasattr(probe, k) for k in ("size", "position", "pattern")):
         from harness.attacks.poisoning import trigger_image
 
@@ -271,11 +268,6 @@ ANOMALY_WHY = ("the anomaly index is one class's distance from the median revers
 
 def _point(why: str) -> dict[str, Any]:
     return {"ci95": None, "method": "point", "n": None, "why": why}
-
-
-def _wilson(successes: int, n: int) -> dict[str, Any]:
-    """A proportion's interval entry; on no trial at all [0, 1], since nothing was measured."""
-    return {"ci95": [round(v, 6) for v in wilson_interval(successes, n)], "method": "wilson", "n": int(n)}
 
 
 def _paired_cost(discordant: Optional[tuple[int, int]], n: int) -> dict[str, Any]:
