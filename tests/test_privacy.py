@@ -402,6 +402,7 @@ def test_each_shadow_model_and_budget_is_saved_and_a_resumed_run_reuses_them(run
     ({"name": "extraction", "queries": "imagenet"}, "queries"),
     ({"name": "extraction", "budgets": [0]}, "budgets must be positive"),
     ({"name": "extraction", "defenses": [{"name": "top-k", "k": 0}]}, "top-k keeps at least one"),
+    ({"name": "extraction", "thief": "nosuch:thing"}, "thief: unknown model source 'nosuch:thing'"),
 ])
 def test_bad_privacy_entries_are_exit_2_naming_the_entry(tmp_path, probe, message):
     from click.testing import CliRunner
