@@ -281,7 +281,8 @@ def validate(config: Path) -> None:
 
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
-@click.option("--defense", required=True, help="A training defense: pgd-at, trades or fast-at (see `harness list defenses`).")
+@click.option("--defense", required=True,
+              help="A training defense: pgd-at, trades, fast-at or gaussian-augmentation (see `harness list defenses`).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The weights to write (.safetensors); the training log goes beside them, to WEIGHTS.log.json.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override train.epochs.")
@@ -289,12 +290,13 @@ def validate(config: Path) -> None:
 @click.option("--resume", is_flag=True, help="Continue from WEIGHTS.ckpt, the checkpoint of the last finished epoch.")
 @_guard
 def harden(config: Path, defense: str, out: Path, epochs: Optional[int], device: Optional[str], resume: bool) -> None:
-    """Adversarially train the config's model; write its weights.
+    """Adversarially (or noise-) train the config's model; write its weights.
 
     The config's `train:` section says how to train (a builtin model brings its own recipe) and
-    `train.defense.NAME` holds the defense's knobs (norm, epsilon, steps, ...). Writes WEIGHTS
-    (safetensors), WEIGHTS.log.json (clean and PGD robust accuracy per epoch on held-out training
-    samples) and, after every epoch, WEIGHTS.ckpt. Ctrl-C or SIGTERM stops it with exit 3 keeping the
+    `train.defense.NAME` holds the defense's knobs (norm, epsilon, steps, ...; sigma for
+    gaussian-augmentation, the noise a randomized-smoothing certificate needs). Writes WEIGHTS
+    (safetensors), WEIGHTS.log.json (clean and PGD robust accuracy, or accuracy under the training
+    noise, per epoch on held-out training samples) and, after every epoch, WEIGHTS.ckpt. Ctrl-C or SIGTERM stops it with exit 3 keeping the
     checkpoint; --resume continues. Evaluate the result with `harness run` and
     `model: {source: ..., weights: WEIGHTS}` in a config.
     """
@@ -372,9 +374,9 @@ def _listing(kind: str) -> list[str]:
         import dataclasses
 
         if kind == "defenses":
-            from harness.defenses import DEFENSES
+            from harness.defenses import CERTIFICATES, DEFENSES
 
-            entries = list(DEFENSES.items())
+            entries = [*DEFENSES.items(), *CERTIFICATES.items()]  # certificates (`certificates:` entries) are defenses' proofs
         else:
             from harness.attacks.poisoning import PROBES
             from harness.attacks.privacy import PRIVACY

@@ -15,7 +15,7 @@ from harness.pipeline.context import RunContext, RunRequest
 from harness.pipeline.resolve import resolve_config
 from harness.pipeline.stages import STAGES, run_stages
 
-ORDER = ["resolve", "load", "provenance", "suite", "defended", "probed", "judge", "write"]
+ORDER = ["resolve", "load", "provenance", "suite", "defended", "probed", "certified", "judge", "write"]
 UNITS = 8  # the default suite: fgsm and pgd at four epsilons each
 # what each stage fills, in order
 FILLS = {
@@ -25,6 +25,7 @@ FILLS = {
     "suite": {"evaluation"},
     "defended": {"defended"},
     "probed": {"probed"},
+    "certified": {"certified"},
     "judge": {"card"},
     "write": set(),
 }

@@ -16,13 +16,13 @@ importing any evaluation module.
 """
 
 from harness.config.base import Epsilon, EpsilonField, Strict, parse_epsilon, plain_knobs
-from harness.config.schema import (BACKENDS, CORRUPTION_KINDS, DEFAULT_CONFIG_PATH, AttackConfig, AttackEntry, Config, CorruptionConfig,
+from harness.config.schema import (BACKENDS, CORRUPTION_KINDS, DEFAULT_CONFIG_PATH, AttackConfig, AttackEntry, CertificateConfig, Config, CorruptionConfig,
                                    DataConfig, DefenseConfig, EngineConfig, GateConfig, ModelConfig, Preprocessing, ProbeConfig, load_config,
                                    parse_config)
 from harness.config.train import (OptimizerConfig, ScheduleConfig, TrainConfig, TrainDataConfig, builtin_recipe, defense_knobs,
                                   train_plan)
 
 __all__ = ["Epsilon", "EpsilonField", "Strict", "parse_epsilon", "plain_knobs", "Config", "ModelConfig", "DataConfig", "EngineConfig", "Preprocessing",
-           "AttackConfig", "AttackEntry", "CorruptionConfig", "DefenseConfig", "ProbeConfig", "GateConfig", "TrainConfig",
+           "AttackConfig", "AttackEntry", "CorruptionConfig", "DefenseConfig", "ProbeConfig", "CertificateConfig", "GateConfig", "TrainConfig",
            "TrainDataConfig", "OptimizerConfig", "ScheduleConfig", "train_plan", "builtin_recipe", "defense_knobs", "load_config",
            "parse_config", "DEFAULT_CONFIG_PATH", "BACKENDS", "CORRUPTION_KINDS"]

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 from harness.core.ids import metric_id
 
-__all__ = ["entry_epsilons", "worst_groups", "suite_metric_ids", "probe_metric_ids", "privacy_metric_ids", "defense_kind", "variant_subject",
+__all__ = ["entry_epsilons", "worst_groups", "suite_metric_ids", "probe_metric_ids", "privacy_metric_ids", "certificate_metric_ids", "defense_kind", "variant_subject",
            "detector_metric_ids", "white_box_attacks", "detector_groups"]
 
 
@@ -58,7 +58,19 @@ def suite_metric_ids(config) -> list[str]:
             ids.append(metric_id("attack_success_rate", a.attack_id, eps.label))
     for (norm, _), label in worst_groups(config.attacks, per_entry).items():
         ids.append(metric_id("robust_accuracy", f"worst-{norm}", label))
-    return ids + _defense_metric_ids(config, ids) + [m for p in getattr(config, "probes", []) for m in probe_metric_ids(p)]
+    return (ids + _defense_metric_ids(config, ids) + [m for p in getattr(config, "probes", []) for m in probe_metric_ids(p)]
+            + [m for c in getattr(config, "certificates", []) for m in certificate_metric_ids(c)])
+
+
+def certificate_metric_ids(entry) -> list[str]:
+    """What one `certificates:` entry produces (harness.evaluation.certificates): certified accuracy at
+    each radius or epsilon; for randomized smoothing also the smoothed classifier's clean accuracy and
+    abstain rate (PREDICT)."""
+    subject = entry.certificate_id
+    ids = [metric_id("certified_accuracy", subject, e.label) for e in entry.levels]
+    if entry.build().norm == "l2":
+        ids += [metric_id("clean_accuracy", subject), metric_id("abstain_rate", subject)]
+    return ids
 
 
 def _defense_metric_ids(config, base: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ from harness.config.base import EpsilonField, Strict, _reraise, _UnknownKey, pla
 from harness.config.train import TrainConfig
 from harness.core.errors import BadInput
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "AttackConfig", "DefenseConfig", "ProbeConfig", "CorruptionConfig", "GateConfig", "load_config", "parse_config", "DEFAULT_CONFIG_PATH"]
+__all__ = ["Config", "ModelConfig", "DataConfig", "AttackConfig", "DefenseConfig", "ProbeConfig", "CertificateConfig", "CorruptionConfig", "GateConfig", "load_config", "parse_config", "DEFAULT_CONFIG_PATH"]
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent.with_name("default.yaml")  # harness/default.yaml
 BACKENDS = ("native", "foolbox", "art")
@@ -239,6 +239,45 @@ class ProbeConfig(_Knobs):
         return self._built(PROBES, "probe", (*PRIVACY.names(), *SCANS))
 
 
+class CertificateConfig(_Knobs):
+    """One `certificates:` entry: `randomized-smoothing` (L2 `radii`; knobs sigma, n0, n, alpha, ...) or
+    `interval-bounds` (L-inf `epsilons`; knob method), run by harness.evaluation.certificates on
+    `limit` evenly spaced points of the evaluated data (all of them by default)."""
+
+    name: str
+    id: Optional[str] = None
+    radii: list[EpsilonField] = []
+    epsilons: list[EpsilonField] = []
+    limit: Optional[int] = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _certificate_exists(self) -> "CertificateConfig":
+        cert = self.build()  # the name and knobs, before any model loads
+        levels, other = ("radii", "epsilons") if cert.norm == "l2" else ("epsilons", "radii")
+        if getattr(self, other):
+            raise ValueError(f"{self.name!r} certifies {cert.norm.upper()} {levels}: it takes no `{other}`")
+        if not getattr(self, levels):
+            raise ValueError(f"{self.name!r} needs `{levels}` (the {cert.norm.upper()} budgets to certify, e.g. [0.25, 0.5])")
+        bad = [e.label for e in getattr(self, levels) if not 0.0 <= e.value < float("inf")]
+        if bad:
+            raise ValueError(f"{levels} must be finite and non-negative, got {', '.join(bad)}")
+        return self
+
+    @property
+    def levels(self) -> list:
+        """The radii (smoothing) or epsilons (interval bounds) as Epsilon values."""
+        return list(self.radii or self.epsilons)
+
+    @property
+    def certificate_id(self) -> str:
+        return self.id or self.build().default_id
+
+    def build(self):
+        from harness.defenses import CERTIFICATES
+
+        return self._built(CERTIFICATES, "certificate")
+
+
 CORRUPTION_KINDS = ("gaussian-noise", "blur", "brightness", "contrast")
 
 
@@ -321,6 +360,7 @@ class Config(Strict):
     cascade: bool = True  # within a norm and epsilon, later attacks run only on points still robust
     probes: list[ProbeConfig] = []
     defenses: list[DefenseConfig] = []
+    certificates: list[CertificateConfig] = []
     gates: list[GateConfig] = []
     on_inconclusive: Literal["fail", "pass"] = "fail"  # a gate whose threshold lies inside its 95% interval
     train: Optional[TrainConfig] = None  # `harness harden`
@@ -339,6 +379,13 @@ class Config(Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"attack id {dup[0]!r} is used twice: give one of them its own `id:`")
+        cert_ids = [c.certificate_id for c in self.certificates]
+        dup = sorted({i for i in cert_ids if cert_ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"certificate id {dup[0]!r} is used twice: give one of them its own `id:`")
+        clash = sorted(set(cert_ids) & ({d.defense_id for d in self.defenses} | {p.probe_id for p in self.probes}))
+        if clash:  # clean_accuracy:<id> would mean two things
+            raise ValueError(f"certificate id {clash[0]!r} is also a defense's or probe's id: give the certificate its own `id:`")
         valid = self.metric_ids()
         for i, gate in enumerate(self.gates):
             if gate.metric not in valid:

@@ -1,5 +1,5 @@
 """The statistics every layer shares: confidence intervals and tests for proportions, paired and
-independent differences, AUROC and medians. Pure functions of counts and values (no torch, no records)."""
+independent differences, AUROC and medians, exact binomial bounds. Pure functions of counts and values (no torch, no records)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 from typing import Any
 
 __all__ = ["Z95", "wilson_interval", "newcombe_interval", "mcnemar_p_value", "paired_drop_interval", "auroc_interval", "median_interval",
-           "auc_score", "threshold_at_fpr", "best_advantage_threshold", "count_above", "roc_points"]
+           "auc_score", "threshold_at_fpr", "best_advantage_threshold", "count_above", "roc_points",
+           "clopper_pearson_lower", "clopper_pearson_upper", "clopper_pearson_interval", "binomial_two_sided_p"]
 
 Z95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% interval
 
@@ -237,3 +238,52 @@ def roc_points(pos: Any, neg: Any, max_points: int = 300) -> tuple[list[float], 
         keep = np.unique(np.concatenate([[0], np.searchsorted(fpr, grid, side="right") - 1, [len(fpr) - 1]]))
         fpr, tpr = fpr[keep], tpr[keep]
     return [round(float(v), 6) for v in fpr], [round(float(v), 6) for v in tpr]
+
+
+# --- exact binomial bounds (randomized smoothing's certificates) --------------------------------
+
+def clopper_pearson_lower(k: Any, n: Any, alpha: float) -> Any:
+    """The one-sided (1 - alpha) lower confidence bound of a binomial proportion from k of n: the
+    alpha quantile of Beta(k, n - k + 1), 0 where k is 0 (for k = n it is alpha ** (1 / n) exactly).
+    k and n may be numbers or numpy arrays; the answer has k's form."""
+    import numpy as np
+    from scipy.stats import beta
+
+    k_arr, n_arr = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        out = np.where(k_arr <= 0, 0.0, beta.ppf(alpha, np.maximum(k_arr, 1.0), n_arr - k_arr + 1.0))
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def clopper_pearson_upper(k: Any, n: Any, alpha: float) -> Any:
+    """The one-sided (1 - alpha) upper confidence bound: the 1 - alpha quantile of Beta(k + 1, n - k), 1 where k is n."""
+    import numpy as np
+    from scipy.stats import beta
+
+    k_arr, n_arr = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        out = np.where(k_arr >= n_arr, 1.0, beta.ppf(1.0 - alpha, k_arr + 1.0, np.maximum(n_arr - k_arr, 1.0)))
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def clopper_pearson_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """The exact two-sided (1 - alpha) interval of a proportion: alpha / 2 in each tail; [0, 1] for n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    return float(clopper_pearson_lower(k, n, alpha / 2)), float(clopper_pearson_upper(k, n, alpha / 2))
+
+
+def binomial_two_sided_p(k: Any, n: Any, p: float = 0.5) -> Any:
+    """The two-sided exact binomial test's p-value of k successes in n at probability p (1 for n = 0).
+    Vectorised over numpy arrays; for p = 1/2 the test is symmetric: 2 P(X >= max(k, n - k)), capped at 1."""
+    import numpy as np
+    from scipy.stats import binom, binomtest
+
+    k_arr, n_arr = np.asarray(k), np.asarray(n)
+    if p == 0.5:
+        far = np.maximum(k_arr, n_arr - k_arr)
+        out = np.where(n_arr <= 0, 1.0, np.minimum(1.0, 2.0 * binom.sf(far - 1, np.maximum(n_arr, 1), 0.5)))
+        return float(out) if np.ndim(out) == 0 else out
+    flat = [1.0 if int(nn) <= 0 else binomtest(int(kk), int(nn), p).pvalue for kk, nn in zip(np.ravel(k_arr), np.ravel(n_arr))]
+    out = np.asarray(flat).reshape(np.shape(k_arr))
+    return float(out) if np.ndim(out) == 0 else out

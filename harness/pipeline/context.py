@@ -65,6 +65,8 @@ class RunContext:
     evaluation: Evaluation = field(init=False)
     defended: Optional[tuple[list[dict], dict[str, float], list[dict]]] = field(init=False)  # records, metrics, checks
     probed: Optional[tuple[list[dict], dict[str, float]]] = field(init=False)  # records, metrics
+    # certified
+    certified: Optional[tuple[list[dict], dict[str, float], list[dict]]] = field(init=False)  # records, metrics, checks
     # judge
     card: Scorecard = field(init=False)
 

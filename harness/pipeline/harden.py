@@ -78,6 +78,8 @@ class HardenContext:
     scaler: Any = field(init=False)
     state: TrainState = field(init=False)
     resumed_from: Optional[int] = field(init=False)
+    # train
+    check_record: dict[str, Any] = field(init=False)  # what the per-epoch check measures, as the log names it
     # write
     weights: Path = field(init=False)
 
@@ -201,11 +203,12 @@ def _after_epoch(ctx: HardenContext, state: TrainState, optimizer: torch.optim.O
 
 def train(ctx: HardenContext) -> HardenContext:
     """The epochs still to do, a checkpoint after each; the per-epoch check on the held-out rows."""
-    from harness.defenses.training import pgd_check, train as train_epochs
+    from harness.defenses.training import epoch_check, train as train_epochs
 
     data, req = ctx.data, ctx.request
-    check = req.check or pgd_check(ctx.defense, data.read(ctx.held), data.y[ctx.held], ctx.seed, ctx.device,
-                                   batch_size=ctx.cfg.data.batch_size)
+    check, ctx.check_record = epoch_check(ctx.defense, data.read(ctx.held), data.y[ctx.held], ctx.seed, ctx.device,
+                                          batch_size=ctx.cfg.data.batch_size)
+    check = req.check or check
     with _kept_on_failure(ctx):
         train_epochs(ctx.defense, ctx.model, data.read(ctx.kept), data.y[ctx.kept], ctx.plan, ctx.device, check=check, seed=ctx.seed,
                      state=ctx.state, optimizer=ctx.optimizer, scaler=ctx.scaler, amp=ctx.amp, show_progress=req.show_progress,
@@ -220,7 +223,7 @@ def write(ctx: HardenContext) -> HardenContext:
     d, plan, out = ctx.defense, ctx.plan, ctx.request.out
     with _kept_on_failure(ctx):
         write_outputs(out, ctx.log_path, ctx.model.net, d, ctx.state, {
-            "check": {"attack": "pgd", "steps": d.check_steps, "norm": d.norm, "epsilon": str(d.epsilon), "samples": len(ctx.held)},
+            "check": ctx.check_record,
             "train": plan.model_dump(mode="json"), "config": ctx.cfg.model_dump(mode="json"), "config_file": ctx.label, "seed": ctx.seed,
             "device": str(ctx.device), "amp": ctx.amp, "model": ctx.model_info,
             "data": {"source": ctx.source, "split": plan.data.split, "samples": len(ctx.kept), "holdout": len(ctx.held),

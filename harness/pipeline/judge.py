@@ -1,4 +1,4 @@
-"""Stage 7, judge: the scorecard record (metrics, attacks, defended variants, probes, checks, per-class
+"""Stage 8, judge: the scorecard record (metrics, attacks, defended variants, probes, checks, per-class
 results, example images, intervals, gates, verdict) and the per-sample outcomes the gates are judged
 again with, so a max_drop gate against a baseline is a paired test."""
 
@@ -14,8 +14,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["judge", "record_of"]
 
 
-def record_of(ctx: RunContext, ev: Evaluation, defended: Optional[tuple] = None, probed: Optional[tuple] = None) -> dict[str, Any]:
-    """The scorecard record of `ev` (with the defended variants' and probes' records when given), judged
+def record_of(ctx: RunContext, ev: Evaluation, defended: Optional[tuple] = None, probed: Optional[tuple] = None,
+              certified: Optional[tuple] = None) -> dict[str, Any]:
+    """The scorecard record of `ev` (with the defended variants', probes' and certificates' records when given), judged
     by the config's gates; also what a partial save writes as the suite goes."""
     from harness.records.scorecard import SCHEMA_VERSION
     from harness.reports.images import class_records, encode_probe_images, example_records
@@ -25,9 +26,10 @@ def record_of(ctx: RunContext, ev: Evaluation, defended: Optional[tuple] = None,
     cfg, base_card = ctx.cfg, ctx.baseline
     records, extra_metrics, extra_checks = defended or ([], {}, [])
     probe_records, probe_metrics = probed or ([], {})
+    cert_records, cert_metrics, cert_checks = certified or ([], {}, [])
     rec = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "passed": False, "verdict": "inconclusive", "on_inconclusive": cfg.on_inconclusive,
-           "metrics": {**ev.metrics(), **extra_metrics, **probe_metrics}, "gates": [], "attacks": [r.record() for r in ev.results],
-           "probes": encode_probe_images(probe_records), "defenses": records, "checks": [*ev.checks, *extra_checks],
+           "metrics": {**ev.metrics(), **extra_metrics, **probe_metrics, **cert_metrics}, "gates": [], "attacks": [r.record() for r in ev.results],
+           "probes": encode_probe_images(probe_records), "defenses": records, "certificates": cert_records, "checks": [*ev.checks, *extra_checks, *cert_checks],
            "provenance": {**ctx.provenance, "duration_s": round(time.perf_counter() - ctx.t0, 3)}}
     # pictures are the reporting layer's: evaluation hands over masks and pixels, reports make the PNGs
     rec["classes"] = class_records(ev, ctx.data.y, cfg.model.num_classes)
@@ -49,7 +51,7 @@ def judge(ctx: RunContext) -> RunContext:
     from harness.reports.scorecard import Scorecard
     from harness.verdicts.outcomes import Outcomes
 
-    record = record_of(ctx, ctx.evaluation, ctx.defended, ctx.probed)
+    record = record_of(ctx, ctx.evaluation, ctx.defended, ctx.probed, ctx.certified)
     outcomes = Outcomes.from_evaluation(ctx.evaluation, ctx.data)  # the samples' digests read from the source in batches
     ctx.card = Scorecard(record, outcomes).rejudge(ctx.cfg.gates, ctx.baseline)
     return ctx

@@ -4,7 +4,7 @@ and returns it with its fields filled (see harness.pipeline.context).
     ctx = run_stages(RunContext(RunRequest(config="configs/ci-gate.yaml", out=Path("reports/ci"))))
     ctx.card.verdict
 
-resolve -> load -> provenance -> suite -> defended -> probed -> judge -> write. harness.run is
+resolve -> load -> provenance -> suite -> defended -> probed -> certified -> judge -> write. harness.run is
 this inside the output lock and the guard that hands a caller's model back as it was found.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from harness.pipeline.certified import certified
 from harness.pipeline.context import RunContext
 from harness.pipeline.defended import defended
 from harness.pipeline.judge import judge
@@ -26,7 +27,7 @@ __all__ = ["Stage", "STAGES", "run_stages"]
 
 Stage = Callable[[RunContext], RunContext]
 
-STAGES: tuple[Stage, ...] = (resolve, load, provenance, suite, defended, probed, judge, write)
+STAGES: tuple[Stage, ...] = (resolve, load, provenance, suite, defended, probed, certified, judge, write)
 
 
 def run_stages(ctx: RunContext, stages: Sequence[Stage] = STAGES) -> RunContext:

@@ -1,4 +1,4 @@
-"""Stage 8, write: the scorecard and its renderings into the output directory (none without one), and
+"""Stage 9, write: the scorecard and its renderings into the output directory (none without one), and
 the saved partial work removed, since scorecard.json now says everything it did."""
 
 from __future__ import annotations

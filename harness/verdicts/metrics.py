@@ -73,7 +73,7 @@ def _producer_intervals(card: dict[str, Any]) -> dict[str, dict[str, Any]]:
             for v in node:
                 walk(v)
 
-    for key in ("attacks", "defenses", "probes"):
+    for key in ("attacks", "defenses", "probes", "certificates"):
         walk(card.get(key, []))
     return out
 
@@ -121,6 +121,8 @@ def interval_methods(card: dict[str, Any]) -> dict[str, dict[str, str]]:
         entry = produced.get(m)
         if entry is not None and _ci95(entry) is not None:
             out[m] = {"method": str(entry.get("method") or "interval")}
+            if entry.get("alpha") is not None:  # a certificate's per-point failure probability, stated beside its interval
+                out[m]["alpha"] = entry["alpha"]
             if entry.get("n") == 0:  # kept so a gate knows nothing was measured
                 out[m]["n"] = 0
         elif entry is not None:
