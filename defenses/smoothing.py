@@ -57,8 +57,9 @@ class Certified:
 @dataclass(frozen=True)
 class Empirical:
     """The attack on the smoothed classifier at one radius, per point: whether the smoothed
-    classifier still gives the label at the attacked point, whether that contradicts the certificate
-    with confidence, and the L2 distance the attack moved."""
+    classifier still gives the label at the attacked point (False where CERTIFY's clean class is
+    already wrong), whether that contradicts the certificate with confidence, and the L2 distance
+    the attack moved."""
 
     robust: torch.Tensor
     violation: torch.Tensor
@@ -178,6 +179,7 @@ class RandomizedSmoothing:
     def attack(self, model, x: torch.Tensor, y: torch.Tensor, radius: float, ids: Sequence[int], seed: int) -> torch.Tensor:
         """L2 PGD at `radius` on the smoothed soft classifier: ascends -log of the mean softmax of the
         label over `attack_eot` noise draws; keeps each point's iterate with the lowest such mean."""
+        assert y.shape == (len(x),), (tuple(x.shape), tuple(y.shape))
         if radius <= 0 or len(x) == 0:
             return x.clone()
         threat = ThreatModel("l2", float(radius))
@@ -197,7 +199,10 @@ class RandomizedSmoothing:
                     noisy = (adv.unsqueeze(1) + noise).flatten(0, 1)
                     probs = F.softmax(model(noisy).float(), dim=1).view(len(xb), self.attack_eot, -1).mean(dim=1)
                     p_y = probs.gather(1, yb.unsqueeze(1)).squeeze(1)
-                    (grad,) = torch.autograd.grad(-torch.log(p_y.clamp_min(1e-12)).sum(), adv)
+                    loss = -torch.log(p_y.clamp_min(1e-12)).sum()
+                    # a model whose logits ignore the input (a constant one) gives no gradient: nothing to ascend
+                    grad = torch.autograd.grad(loss, adv, allow_unused=True)[0] if loss.requires_grad else None
+                    grad = torch.zeros_like(adv) if grad is None else grad
                 with torch.no_grad():
                     better = p_y.detach() < best_p
                     best[better], best_p[better] = adv.detach()[better], p_y.detach()[better]
@@ -214,7 +219,10 @@ class RandomizedSmoothing:
         if bool((distance > radius + 1e-6).any()):
             raise RuntimeError(f"the attack on the smoothed classifier left its L2 budget {radius} ({float(distance.max()):.6f})")
         counts = noise_counts(model, adv, self.sigma, self.check_n, num_classes, point_seeds(seed, ids, "check"), self.batch)
-        robust = counts.argmax(dim=1) == y
+        # x itself lies in the ball: where CERTIFY's confident clean class is already wrong the point is
+        # not robust, whatever the attacked point's draws say
+        clean_wrong = (cert.prediction >= 0) & (cert.prediction != y)
+        robust = (counts.argmax(dim=1) == y) & ~clean_wrong
         k_y = counts.gather(1, y.unsqueeze(1)).squeeze(1)
         upper = torch.tensor(clopper_pearson_upper(k_y.cpu().numpy(), self.check_n, self.alpha), dtype=torch.float64, device=x.device)
         # the least probability of y at distance d that a radius R claims: Phi((R - d) / sigma), which is

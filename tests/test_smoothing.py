@@ -120,6 +120,25 @@ def test_the_noise_counts_of_a_point_depend_on_its_seed_and_not_on_its_neighbour
     assert not torch.equal(together, other)  # another seed, other draws
 
 
+def test_a_points_certificate_is_the_same_alone_in_a_batch_and_under_any_batch_size_that_keeps_its_chunks():
+    """n = 700 draws go in one chunk of 700 under batch 700, 1400 or 2800 (one, two or four points a
+    pass): the counts, and so CERTIFY's answer, cannot change; the ids, not the positions, seed the draws."""
+    net, x, _ = _halfspace_points(6, seed=3)
+    seeds = point_seeds(0, [10, 11, 12, 13, 14, 15], "estimate")
+    by_batch = [noise_counts(net, x, 0.5, 700, 2, seeds, batch=b) for b in (700, 1400, 2800)]
+    assert torch.equal(by_batch[0], by_batch[1]) and torch.equal(by_batch[0], by_batch[2])
+    rs = RandomizedSmoothing(sigma=0.5, n0=30, n=700, alpha=0.01, batch=2800)
+    cert = rs.certify(net, x, 2, [10, 11, 12, 13, 14, 15], seed=0)
+    assert torch.equal(cert.top_count, by_batch[0].gather(1, cert.prediction.clamp(min=0).unsqueeze(1)).squeeze(1)) or \
+        bool((cert.prediction < 0).any())
+    alone = [RandomizedSmoothing(sigma=0.5, n0=30, n=700, alpha=0.01, batch=700).certify(net, x[i:i + 1], 2, [10 + i], seed=0)
+             for i in range(6)]
+    assert torch.equal(cert.prediction, torch.cat([a.prediction for a in alone]))
+    assert torch.equal(cert.radius, torch.cat([a.radius for a in alone]))
+    shuffled = rs.certify(net, x.flip(0), 2, [15, 14, 13, 12, 11, 10], seed=0)
+    assert torch.equal(shuffled.radius.flip(0), cert.radius)
+
+
 def test_a_tie_abstains():
     """A classifier that answers by the sign of the first noise coordinate alone: a fair coin between
     two classes. PREDICT abstains (the binomial test cannot reject a tie) and CERTIFY abstains
@@ -160,6 +179,20 @@ def test_the_attack_crosses_a_linear_boundary_within_reach_and_stays_in_its_budg
     bold = Certified(cert.prediction, cert.radius * 3 + (cert.prediction >= 0) * radius, cert.p_lower, cert.top_count)
     caught = rs.empirical(net, x, y, bold, radius, list(range(40)), seed=0)
     assert int(caught.violation.sum()) >= int(near.sum()) - 1
+
+
+def test_a_point_whose_certified_clean_class_is_wrong_is_not_robust_and_a_sound_radius_is_not_violated():
+    """A constant classifier (class 3 everywhere): at any attacked point all check draws say 3, so with
+    y = 3 every point is robust and, p_y being 1, never a violation at a radius inside the certified
+    sigma * Phi^-1(alpha ** (1 / n)). A certificate naming class 7 makes its clean class wrong: not robust."""
+    rs = RandomizedSmoothing(sigma=0.25, n0=10, n=1000, alpha=0.001, attack_steps=3, attack_eot=4, check_n=200, batch=4000)
+    x, y = torch.rand(5, 1, 4, 4), torch.full((5,), 3)
+    cert = rs.certify(Constant(), x, 10, range(5), seed=0)
+    r = 0.25 * norm.ppf(0.001 ** (1 / 1000))  # 0.6465...
+    emp = rs.empirical(Constant(), x, y, cert, 0.9 * r, range(5), seed=0)
+    assert emp.robust.tolist() == [True] * 5 and emp.violation.tolist() == [False] * 5
+    wrong = Certified(torch.full((5,), 7), cert.radius, cert.p_lower, cert.top_count)
+    assert rs.empirical(Constant(), x, y, wrong, 0.9 * r, range(5), seed=0).robust.tolist() == [False] * 5
 
 
 @pytest.mark.parametrize("knob, value", [("sigma", 0), ("sigma", -1.0), ("n0", 0), ("n", 0), ("alpha", 0.6), ("alpha", 0.0),

@@ -82,11 +82,11 @@ def _soundness(cid: str, levels: list[dict], what: str) -> dict[str, Any]:
                 "it claims robustness an attack disproves (an unsound certificate or a model that changed)")
     elif above:
         status = "warn"
-        head = (f"certificate {cid!r}: certified accuracy above {what}'s empirical robust accuracy at "
+        head = (f"certificate {cid!r}: certified accuracy above the empirical robust accuracy under {what} at "
                 f"{', '.join(lv['label'] for lv in above)}, within what chance allows (no confident violation beyond the bound)")
     else:
         status = "pass"
-        head = f"certificate {cid!r}: certified accuracy is at most {what}'s empirical robust accuracy at every level"
+        head = f"certificate {cid!r}: certified accuracy is at most the empirical robust accuracy under {what} at every level"
     return {"name": f"certificate-soundness:{cid}", "status": status, "detail": f"{head}; " + "; ".join(parts)}
 
 

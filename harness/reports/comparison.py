@@ -26,9 +26,10 @@ CardLike = Union[Scorecard, str, Path]
 
 # +1: higher is better, -1: lower is better; families not listed are shown without a colour.
 # Privacy: what a membership-inference attack or a model thief achieves is lower-better; a defense's fidelity drop higher-better.
+# Certificates: certified accuracy higher-better; a smoothed classifier that abstains more answers less.
 DIRECTION = {"clean_accuracy": 1, "robust_accuracy": 1, "attack_success_rate": -1, "median_perturbation": 1,
              "tpr_at_fpr": -1, "auc": -1, "advantage": -1, "fidelity": -1, "stolen_accuracy": -1,
-             "fidelity_drop": 1, "clean_accuracy_cost": -1}
+             "fidelity_drop": 1, "clean_accuracy_cost": -1, "certified_accuracy": 1, "abstain_rate": -1}
 _TINY = 1e-12  # a change below this is float noise, not a change
 
 
@@ -197,6 +198,14 @@ def _privacy_rows(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> d
     return {"membership": list(membership.values()), "extraction": list(extraction.values())}
 
 
+def _certificate_rows(records: Sequence[dict[str, Any]], labels: Sequence[str], shared: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per certificate id two or more versions carry: each version's curves and, per level, its figures
+    with the status its certified accuracy has in the shared metrics."""
+    from harness.reports.certificates import compare_certificates
+
+    return compare_certificates(records, labels, {row["metric"]: row["status"] for row in shared})
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -284,6 +293,7 @@ def compare_records(cards: Sequence[Scorecard], labels: Optional[Sequence[str]] 
         "data": {"source": source, "split": split, "dataset_sha256": (records[0].get("provenance") or {}).get("dataset_sha256")},
         "metrics": shared, "partial_metrics": partial, "gates": _gate_rows(records),
         "curves": _curve_rows(records, labels), "privacy": _privacy_rows(records, labels),
+        "certificates": _certificate_rows(records, labels, shared),
         "flips": _flip_rows(cards, labels, [row["metric"] for row in shared]),
     }
 
@@ -341,6 +351,7 @@ def _render(record: dict[str, Any], compact: bool) -> str:
     import jinja2
     from markupsafe import Markup
 
+    from harness.reports.certificates import compare_svg
     from harness.reports.privacy import _DASHES, budget_svg, roc_svg
     from harness.reports.render import _PALETTE, curve_svg
 
@@ -362,7 +373,8 @@ def _render(record: dict[str, Any], compact: bool) -> str:
                   "dash": _DASHES[j % len(_DASHES)]} for v in e["versions"] for j, k in enumerate(e["kinds"]) if f"{v}: {k}" in e["lines"]]
         thefts.append((e["id"], Markup(budget_svg(lines, title=f"{e['id']}: fidelity against the query budget per version",
                                                   y_label="fidelity (agreement with the victim)"))))
-    return env.get_template("compare.html.j2").render(c=record, charts=charts, rocs=rocs, thefts=thefts, compact=compact)
+    certs = [(e, Markup(compare_svg(e, colour))) for e in record.get("certificates") or []]  # none in an older comparison record
+    return env.get_template("compare.html.j2").render(c=record, charts=charts, rocs=rocs, thefts=thefts, certs=certs, compact=compact)
 
 
 def _load(card: CardLike, i: int) -> tuple[Scorecard, str]:

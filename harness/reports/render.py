@@ -357,6 +357,12 @@ def _privacy_section(record: dict[str, Any]) -> Optional[dict[str, Any]]:
     return privacy_section(record)
 
 
+def _certificates_section(record: dict[str, Any]) -> Optional[dict[str, Any]]:
+    from harness.reports.certificates import certificates_section  # it draws with privacy's chart helpers
+
+    return certificates_section(record)
+
+
 def _defenses(record: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The undefended model and each defended variant side by side (clean accuracy and every robust
     accuracy, with the change against the undefended model), and the detectors' figures."""
@@ -406,7 +412,7 @@ def report_html(record: dict[str, Any]) -> str:
     record = decode_infinities(record)  # a record as saved spells inf "inf"; the sections compute with floats
     ctx = _context(record)
     ctx.update(classes=_classes(record), examples=_examples(record), probes=_probes(record),
-               privacy=_privacy_section(record), defenses=_defenses(record), provenance=_provenance(record),
+               privacy=_privacy_section(record), certificates=_certificates_section(record), defenses=_defenses(record), provenance=_provenance(record),
                stages=[a for a in record.get("attacks", []) if a.get("stages")])
     return _env().get_template("report.html.j2").render(**ctx)
 
