@@ -284,3 +284,12 @@ def test_the_certified_config_passes_as_ci_runs_it_and_its_certificates_are_soun
     # the smoothed classifier's certified accuracy at 0.25 is no more than the base model's PGD robust accuracy there
     assert m["certified_accuracy:smoothing@0.25"] <= m["robust_accuracy:pgd-l2@0.25"] + 0.05
     assert (tmp_path / "report.html").read_text().count('id="certificate-') >= 2
+
+
+def test_gaussian_augmentation_refuses_a_bad_sigma_by_name():
+    from harness.defenses.training import GaussianAugmentation, build_defense
+
+    assert build_defense("gaussian-augmentation", {"sigma": 0.5}) == GaussianAugmentation(sigma=0.5)
+    for sigma in (0, -0.25, float("inf")):
+        with pytest.raises(ValueError, match="sigma must be positive"):
+            build_defense("gaussian-augmentation", {"sigma": sigma})

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from harness.cli import cli as group
 
-SPEC_KEYS = {"schema_version", "name", "passed", "verdict", "metrics", "gates", "attacks", "probes", "defenses", "checks", "provenance"}
+SPEC_KEYS = {"schema_version", "name", "passed", "verdict", "metrics", "gates", "attacks", "probes", "defenses", "checks", "certificates", "provenance"}
 # issue 4: inconclusive policy, 95% CIs; issue 5: per class, example images; issue 11: how each interval was made
 ADDED_KEYS = {"on_inconclusive", "intervals", "classes", "examples", "interval_methods"}
 
