@@ -90,24 +90,33 @@ def _soundness(cid: str, levels: list[dict], what: str) -> dict[str, Any]:
     return {"name": f"certificate-soundness:{cid}", "status": status, "detail": f"{head}; " + "; ".join(parts)}
 
 
-def _smoothing(entry, cert, model, x: torch.Tensor, y: torch.Tensor, ids: list[int], num_classes: int, seed: int) -> dict[str, Any]:
-    cid, n = entry.certificate_id, len(y)
+def _smoothing_points(cert, levels: list, model, x: torch.Tensor, y: torch.Tensor, ids: list[int], num_classes: int,
+                      seed: int) -> dict[str, torch.Tensor]:
+    """Per point of one batch: CERTIFY's class and radius, PREDICT's class, and at each level the
+    attack's outcome (robust, violation, distance moved)."""
     c, pred = cert.certify_and_predict(model, x, num_classes, ids, seed)
-    correct = (c.prediction == y).cpu()
-    radius = c.radius.double().cpu()
-    levels = []
-    for lv in entry.levels:
-        certified = correct & (radius >= lv.value)
+    out = {"prediction": c.prediction.cpu(), "radius": c.radius.double().cpu(), "predicted": pred.cpu()}
+    for j, lv in enumerate(levels):
         emp = cert.empirical(model, x, y, c, float(lv.value), ids, seed)
-        k = int(certified.sum())
+        out[f"robust{j}"], out[f"violation{j}"], out[f"distance{j}"] = emp.robust.cpu(), emp.violation.cpu(), emp.distance.cpu()
+    return out
+
+
+def _smoothing(entry, cert, pts: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
+    cid, n = entry.certificate_id, len(y)
+    correct, radius, pred = pts["prediction"] == y, pts["radius"], pts["predicted"]
+    levels = []
+    for j, lv in enumerate(entry.levels):
+        k = int((correct & (radius >= lv.value)).sum())
+        robust, distance = int(pts[f"robust{j}"].sum()), pts[f"distance{j}"]
         levels.append({"label": lv.label, "value": lv.value, "certified_accuracy": k / n if n else 0.0, "n_certified": k,
-                       "empirical_robust_accuracy": int(emp.robust.sum()) / n if n else 0.0, "n_empirical_robust": int(emp.robust.sum()),
-                       "n_violations": int(emp.violation.sum()), "allowed_violations": allowed_violations(k, cert.alpha),
-                       "max_distance": round(float(emp.distance.max()), 6) if n else 0.0})
+                       "empirical_robust_accuracy": robust / n if n else 0.0, "n_empirical_robust": robust,
+                       "n_violations": int(pts[f"violation{j}"].sum()), "allowed_violations": allowed_violations(k, cert.alpha),
+                       "max_distance": round(float(distance.max()), 6) if n else 0.0})
     n_correct, n_abstain = int((pred == y).sum()), int((pred < 0).sum())
     rec = {"norm": "l2", "alpha": cert.alpha, "clean_accuracy": n_correct / n if n else 0.0, "n_correct": n_correct,
            "abstain_rate": n_abstain / n if n else 0.0, "n_abstain": n_abstain,
-           "certify_abstain_rate": int((c.prediction < 0).sum()) / n if n else 0.0,
+           "certify_abstain_rate": int((pts["prediction"] < 0).sum()) / n if n else 0.0,
            "levels": levels, "curve": _curve(correct, radius, n)}
     ms = {metric_id("certified_accuracy", cid, lv["label"]): lv["certified_accuracy"] for lv in levels}
     iv = {metric_id("certified_accuracy", cid, lv["label"]): _entry(lv["n_certified"], n, cert.alpha) for lv in levels}
@@ -157,22 +166,33 @@ def _wrong_in_float64(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return twin(x.double()).argmax(dim=1) != y
 
 
-def _intervals(entry, cert, model, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, Any]:
-    cid, n = entry.certificate_id, len(y)
+def _interval_points(cert, levels: list, model, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """Per point of one batch: correct or not, and at each level proven, broken by PGD, and both
+    (a contradiction, confirmed in float64)."""
     net, mean, std = model.net, getattr(model, "mean", None), getattr(model, "std", None)
     with torch.no_grad():
-        n_correct = int((model(x).argmax(dim=1) == y).sum())
-    levels = []
-    for lv in entry.levels:
-        proven = cert.verified(net, mean, std, x, y, float(lv.value)).cpu()
-        broken, found = _pgd_broken(model, x, y, float(lv.value), cert.attack_steps, cert.attack_restarts, seed)
+        out = {"correct": (model(x).argmax(dim=1) == y).cpu()}
+    for j, lv in enumerate(levels):
+        eps = float(lv.value)
+        proven = cert.verified(net, mean, std, x, y, eps).cpu()
+        broken, found = _pgd_broken(model, x, y, eps, cert.attack_steps, cert.attack_restarts, seed)
         broken = broken.cpu()
         clash = (proven & broken).nonzero().flatten()
-        violations = int(_wrong_in_float64(model, found[clash.to(found.device)], y[clash.to(y.device)]).sum())
-        k = int(proven.sum())
+        violation = torch.zeros(len(y), dtype=torch.bool)
+        violation[clash] = _wrong_in_float64(model, found[clash.to(found.device)], y[clash.to(y.device)]).cpu()
+        out[f"proven{j}"], out[f"broken{j}"], out[f"violation{j}"] = proven, broken, violation
+    return out
+
+
+def _intervals(entry, cert, pts: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
+    cid, n = entry.certificate_id, len(y)
+    levels = []
+    for j, lv in enumerate(entry.levels):
+        k, robust = int(pts[f"proven{j}"].sum()), int((~pts[f"broken{j}"]).sum())
         levels.append({"label": lv.label, "value": lv.value, "certified_accuracy": k / n if n else 0.0, "n_certified": k,
-                       "empirical_robust_accuracy": int((~broken).sum()) / n if n else 0.0, "n_empirical_robust": int((~broken).sum()),
-                       "n_violations": violations, "allowed_violations": 0})
+                       "empirical_robust_accuracy": robust / n if n else 0.0, "n_empirical_robust": robust,
+                       "n_violations": int(pts[f"violation{j}"].sum()), "allowed_violations": 0})
+    n_correct = int(pts["correct"].sum())
     rec = {"norm": "linf", "method": cert.method, "alpha": 0.0, "clean_accuracy": n_correct / n if n else 0.0, "n_correct": n_correct,
            "levels": levels,
            "curve": {"radius": [lv["value"] for lv in levels], "certified_accuracy": [lv["certified_accuracy"] for lv in levels]}}
@@ -180,6 +200,17 @@ def _intervals(entry, cert, model, x: torch.Tensor, y: torch.Tensor, seed: int) 
     rec["metric_intervals"] = {metric_id("certified_accuracy", cid, lv["label"]): _entry(lv["n_certified"], n, 0.0) for lv in levels}
     rec["soundness"] = _soundness(cid, levels, f"PGD ({cert.attack_steps} steps)")
     return rec
+
+
+def _over_points(fn: Callable[..., dict[str, torch.Tensor]], data, rows: torch.Tensor, device, batch: int) -> dict[str, torch.Tensor]:
+    """fn(x, y, ids, k) over the certified rows (at least one: an empty data set is refused when it
+    loads), `batch` of them read at a time (data read by ids; bounds, noise and PGD hold one batch),
+    the per-point outcomes joined in order."""
+    parts = []
+    for k, chunk in enumerate(rows.split(max(1, batch))):
+        x, y = data.read(chunk).to(device), data.y[chunk].to(device)
+        parts.append(fn(x, y, [int(v) for v in data.ids[chunk]], k))
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
 def _check_model(i: int, entry, cert, model) -> None:
@@ -206,10 +237,15 @@ def evaluate_certificates(cfg, model, data, device, done: dict[str, dict],
             _check_model(i, entry, cert, model)
             t0 = time.perf_counter()
             rows = certificate_points(len(data), entry.limit)
-            x, y = data.read(rows).to(device), data.y[rows].to(device)
-            ids = [int(v) for v in data.ids[rows]]
-            body = (_smoothing(entry, cert, model, x, y, ids, num_classes, cfg.seed) if cert.norm == "l2"
-                    else _intervals(entry, cert, model, x, y, cfg.seed))
+            y = data.y[rows]
+            if cert.norm == "l2":  # a point's noise is its own (seeded by its id): batching changes nothing
+                pts = _over_points(lambda x, yb, ids, k: _smoothing_points(cert, entry.levels, model, x, yb, ids, num_classes, cfg.seed),
+                                   data, rows, device, cfg.data.batch_size)
+                body = _smoothing(entry, cert, pts, y)
+            else:
+                pts = _over_points(lambda x, yb, ids, k: _interval_points(cert, entry.levels, model, x, yb, cfg.seed + k),
+                                   data, rows, device, cfg.data.batch_size)
+                body = _intervals(entry, cert, pts, y)
             from dataclasses import asdict
 
             rec = {"id": entry.certificate_id, "name": entry.name, "kind": "certificate", "params": asdict(cert), "n_points": len(rows),
