@@ -175,6 +175,7 @@ def test_interval_bounds_refuse_a_layer_they_cannot_follow_in_one_line(tmp_path,
     assert result.exit_code == 2, result.output
     line = result.output.strip()
     assert "\n" not in line and "certificates[0] (ibp)" in line and "Sigmoid" in line and "act" in line, line
+    assert not (tmp_path / "out" / "run-state.json").exists()  # refused as the model loaded, before the suite ran
 
 
 def test_a_proof_an_attack_breaks_fails_the_run(tmp_path, monkeypatch):

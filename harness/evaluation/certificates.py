@@ -33,7 +33,7 @@ from harness.core.errors import BadInput
 from harness.core.ids import metric_id
 from harness.evaluation.entries import wilson_entry
 
-__all__ = ["evaluate_certificates", "certificate_points", "allowed_violations", "CHECK_LEVEL"]
+__all__ = ["evaluate_certificates", "check_models", "certificate_points", "allowed_violations", "CHECK_LEVEL"]
 
 CHECK_LEVEL = 1e-3  # the chance that a sound smoothing certificate fails its soundness check
 CURVE_POINTS = 400  # at most this many points on a certified-accuracy curve
@@ -213,13 +213,16 @@ def _over_points(fn: Callable[..., dict[str, torch.Tensor]], data, rows: torch.T
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
-def _check_model(i: int, entry, cert, model) -> None:
-    """A model interval bounds cannot follow is bad input, refused in one line before any work."""
-    if hasattr(cert, "check"):
-        try:
-            cert.check(model.net)
-        except ValueError as e:
-            raise BadInput(f"certificates[{i}] ({entry.certificate_id})", " ".join(str(e).split())) from None
+def check_models(cfg, model) -> None:
+    """BadInput, one line naming the entry and the layer, when a certificate cannot follow the model
+    (interval bounds and a layer they do not support); the pipeline calls it as the model loads."""
+    for i, entry in enumerate(cfg.certificates):
+        cert = entry.build()
+        if hasattr(cert, "check"):
+            try:
+                cert.check(model.net)
+            except ValueError as e:
+                raise BadInput(f"certificates[{i}] ({entry.certificate_id})", " ".join(str(e).split())) from None
 
 
 def evaluate_certificates(cfg, model, data, device, done: dict[str, dict],
@@ -234,7 +237,6 @@ def evaluate_certificates(cfg, model, data, device, done: dict[str, dict],
         unit = f"cert|{i}|{entry.certificate_id}"
         rec = done.get(unit)
         if rec is None:
-            _check_model(i, entry, cert, model)
             t0 = time.perf_counter()
             rows = certificate_points(len(data), entry.limit)
             y = data.y[rows]

@@ -84,4 +84,8 @@ def load(ctx: RunContext) -> RunContext:
     channels = ctx.data.shape[0]
     if any(v is not None and len(v) != channels for v in (pre.mean, pre.std)):
         raise BadInput("model.preprocessing", f"mean/std need one value per channel: the data has {channels}")
+    if cfg.certificates:  # a layer interval bounds cannot follow is bad input: said now, before the suite runs
+        from harness.evaluation.certificates import check_models
+
+        check_models(cfg, ctx.model)
     return ctx
