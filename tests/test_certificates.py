@@ -294,3 +294,18 @@ def test_gaussian_augmentation_refuses_a_bad_sigma_by_name():
     for sigma in (0, -0.25, float("inf")):
         with pytest.raises(ValueError, match="sigma must be positive"):
             build_defense("gaussian-augmentation", {"sigma": sigma})
+
+
+def test_a_certificate_that_crashes_is_exit_3_and_keeps_what_finished(tmp_path, monkeypatch):
+    from harness.core.errors import RunFailed
+    from harness.defenses.intervals import IntervalBounds
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("bounds went wrong")
+
+    monkeypatch.setattr(IntervalBounds, "verified", broken)
+    cfg = _cfg(tmp_path, "constant", [SMOOTH, {"name": "interval-bounds", "epsilons": [0.01]}])
+    with pytest.raises(RunFailed, match=r"certificates: RuntimeError: bounds went wrong; finished results are in .*--resume"):
+        harness.run(cfg, show_progress=False, out=tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "run-state.json").read_text())["probes"]
+    assert sorted(saved) == ["cert|0|smoothing"] and saved["cert|0|smoothing"]["metrics"]["certified_accuracy:smoothing@1.0"] == 0.5

@@ -27,4 +27,8 @@ def certified(ctx: RunContext) -> RunContext:
     except KeyboardInterrupt:
         raise RunFailed(ctx.interrupted("interrupted while certifying; finished results are in {partial} "
                                         "(`harness run ... --resume` continues)")) from None
+    except Exception as e:  # a certificate that crashes keeps what finished, as the suite does (exit 3)
+        partial = ctx.saved.partial
+        where = f"; finished results are in {partial} (`harness run ... --resume` continues)" if partial is not None and partial.exists() else ""
+        raise RunFailed(f"certificates: {type(e).__name__}: {' '.join(str(e).split())[:300]}{where}") from e
     return ctx
