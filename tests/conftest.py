@@ -3,10 +3,14 @@ and a CLI runner that reports exit codes like the console script."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-from click.testing import CliRunner
-from torch import nn
+from .numerics import pin_numerics
+
+pin_numerics()  # before torch is imported: see tests/numerics.py
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from torch import nn  # noqa: E402
 
 # Tiny models on 2 cores: one intra-op thread is faster, and keeps timings stable under load.
 torch.set_num_threads(1)

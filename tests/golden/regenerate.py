@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
+from ..numerics import pin_numerics
 
-import harness
+pin_numerics()  # the tests' floating-point path (tests/numerics.py), before torch is imported
+
+import torch  # noqa: E402
+
+import harness  # noqa: E402
 
 from .suites import SUITES, golden_path, snapshot
 
