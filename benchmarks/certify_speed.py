@@ -2,7 +2,8 @@
 
 One process, one model, the same points: the builtin digits CNN trained under Gaussian noise of
 sigma 0.25 (`digits_cnn(noise_recipe(0.25))`, eval mode), `--points` evenly spaced digits of the 450
-test images, both sides at the same sigma, n0, n, alpha and batch size, on the CPU.
+test images, both sides at the same sigma, n0, n, alpha and batch size, on the CPU (or `--device cuda`:
+the harness draws its noise on the device, ART gets `device_type="gpu"`).
 
     .venv/bin/python benchmarks/certify_speed.py                       # 50 points, n 10,000, 1 repeat: about 4 min here
     .venv/bin/python benchmarks/certify_speed.py --repeats 3 --no-baseline  # three interleaved timings of each side
@@ -57,7 +58,7 @@ class Answer:
     radius: np.ndarray
 
 
-def setup(points: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[int]]:
+def setup(points: int, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[int]]:
     from harness.sources.builtin import digits_cnn, noise_recipe
     from harness.sources.data import digits_split
 
@@ -66,30 +67,32 @@ def setup(points: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[int]
     x, y = digits_split("test")
     assert x.dim() == 4 and x.shape[1:] == (1, 8, 8) and float(x.min()) >= 0 and float(x.max()) <= 1, tuple(x.shape)
     ids = np.unique(np.linspace(0, len(x) - 1, min(points, len(x))).round().astype(int)).tolist()
-    return net, x[ids].contiguous(), y[ids].contiguous(), ids
+    return net.to(device), x[ids].contiguous().to(device), y[ids].contiguous(), ids
 
 
-def art_smoother(net: nn.Module, sigma: float, n0: int, alpha: float):
+def art_smoother(net: nn.Module, sigma: float, n0: int, alpha: float, device: str):
     try:
         import statsmodels  # noqa: F401  (ART imports it lazily, at the first bound)
         from art.estimators.certification.randomized_smoothing import PyTorchRandomizedSmoothing
     except ImportError as err:
         raise SystemExit(f"{MISSING} ({err})") from None
     return PyTorchRandomizedSmoothing(model=net, loss=nn.CrossEntropyLoss(), input_shape=(1, 8, 8), nb_classes=10,
-                                      clip_values=(0.0, 1.0), preprocessing=None, device_type="cpu",
+                                      clip_values=(0.0, 1.0), preprocessing=None, device_type="gpu" if device.startswith("cuda") else "cpu",
                                       sample_size=n0, scale=sigma, alpha=alpha)
 
 
 def run_harness(rs: RandomizedSmoothing, net: nn.Module, x: torch.Tensor, ids: list[int], seed: int) -> tuple[Answer, float, object]:
     t0 = time.perf_counter()
     cert = rs.certify(net, x, num_classes=10, ids=ids, seed=seed)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return Answer(cert.prediction.numpy(), cert.radius.double().numpy()), seconds, cert
+    return Answer(cert.prediction.cpu().numpy(), cert.radius.double().cpu().numpy()), seconds, cert
 
 
 def run_art(art, x: torch.Tensor, n: int, batch: int, seed: int) -> tuple[Answer, float]:
     np.random.seed(seed)  # ART draws its noise from numpy's global generator
-    xs = x.numpy()
+    xs = x.cpu().numpy()
     t0 = time.perf_counter()
     prediction, radius = art.certify(xs, n=n, batch_size=batch)
     seconds = time.perf_counter() - t0
@@ -121,6 +124,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--batch", type=int, default=1000, help="images per forward pass, both sides")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each side, interleaved; the median is shown")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both sides run")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-baseline", action="store_true", help="skip the harness's second run at seed + 1")
     args = p.parse_args(argv)
@@ -131,12 +135,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     import art
 
-    net, x, y_t, ids = setup(args.points)
+    net, x, y_t, ids = setup(args.points, args.device)
     y = y_t.numpy()
     rs = RandomizedSmoothing(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch)
-    smoother = art_smoother(net, args.sigma, args.n0, args.alpha)
+    smoother = art_smoother(net, args.sigma, args.n0, args.alpha, args.device)
     print(f"{dt.date.today()}  {platform.processor() or platform.machine()}  torch {torch.__version__}  "
-          f"threads {torch.get_num_threads()}  ART {art.__version__}  python {platform.python_version()}")
+          f"threads {torch.get_num_threads()}  device {torch.cuda.get_device_name(x.device) if x.is_cuda else 'cpu'}  ART {art.__version__}  python {platform.python_version()}")
     print(f"builtin digits CNN trained under noise 0.25: {len(ids)} evenly spaced test digits, sigma {args.sigma}, "
           f"n0 {args.n0}, n {args.n}, alpha {args.alpha}, batch {args.batch}, seed {args.seed}, median of {args.repeats}")
 
@@ -181,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from scipy.stats import norm
 
     art_radius = np.where(art_lower < 0.5, 0.0, args.sigma * norm.ppf(np.maximum(art_lower, 0.5)))
-    dp = float(np.max(np.abs(art_lower - cert.p_lower.double().numpy())))
+    dp = float(np.max(np.abs(art_lower - cert.p_lower.double().cpu().numpy())))
     dr = float(np.max(np.abs(art_radius - ours.radius)))
     same_abstain = bool(np.array_equal(art_lower < 0.5, ours.prediction < 0))
     print(f"same counts (the harness's n draws through ART's bound): max |p_lower diff| {dp:.3g}, "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA device, in one go (a lent GPU machine is held for minutes, not hours):
 # the gpu-marked tests, then the Ray engine with one GPU worker against the local engine on the same
-# GPU (same metrics; throughput of both). Figures go to stdout and to $OUT (when set) for the notes.
+# GPU (same metrics; throughput of both), and CERTIFY on the GPU against ART's. Figures go to stdout and to $OUT (when set) for the notes.
 #   bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,11 @@ fi
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 .venv/bin/python scripts/ray_gpu_check.py 2>&1 | tee "$out/ray-gpu.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# randomized smoothing's CERTIFY on the device against ART's PyTorchRandomizedSmoothing (device_type gpu)
+.venv/bin/pip install -q statsmodels || { echo "could not install statsmodels for ART's bound"; exit 1; }
+.venv/bin/python benchmarks/certify_speed.py --device cuda --repeats 3 2>&1 | tee "$out/certify-speed-cuda.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 exit "$status"

@@ -309,3 +309,32 @@ def test_a_certificate_that_crashes_is_exit_3_and_keeps_what_finished(tmp_path, 
         harness.run(cfg, show_progress=False, out=tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "run-state.json").read_text())["probes"]
     assert sorted(saved) == ["cert|0|smoothing"] and saved["cert|0|smoothing"]["metrics"]["certified_accuracy:smoothing@1.0"] == 0.5
+
+
+# --- CUDA (scripts/gpu_check.sh) ---------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_certificates_on_cuda_agree_with_the_cpu(digits_test):
+    """The same certificates on the device: interval bounds are the CPU's float64 bounds (the same sums
+    up to rounding), randomized smoothing draws its noise on the device (other draws than the CPU's
+    generators) and certifies the same fraction within Monte Carlo noise, its radii within 0.05."""
+    from harness.defenses.intervals import IntervalBounds
+    from harness.defenses.smoothing import RandomizedSmoothing
+    from harness.sources.builtin import digits_cnn, noise_recipe
+
+    net, _ = digits_cnn(noise_recipe(0.25))
+    x, y = digits_test[0][:64], digits_test[1][:64]
+    ibp = IntervalBounds()
+    on_cpu = ibp.margins(net.eval(), None, None, x, y, 0.005)
+    on_gpu = ibp.margins(net.cuda().eval(), None, None, x.cuda(), y.cuda(), 0.005)
+    finite = torch.isfinite(on_cpu)
+    assert on_gpu.device.type == "cuda" and torch.allclose(on_gpu.cpu()[finite], on_cpu[finite], rtol=1e-6, atol=1e-6)
+
+    rs = RandomizedSmoothing(sigma=0.25, n0=100, n=2000, alpha=0.001, batch=4000)
+    gpu = rs.certify(net, x.cuda(), 10, ids=range(64), seed=0)
+    cpu = rs.certify(net.cpu(), x, 10, ids=range(64), seed=0)
+    assert gpu.prediction.device.type == "cuda" and gpu.radius.device.type == "cuda"
+    same = (gpu.prediction.cpu() == cpu.prediction) & (cpu.prediction >= 0)
+    assert int(same.sum()) >= int((cpu.prediction >= 0).sum()) - 2
+    assert float((gpu.radius.cpu()[same] - cpu.radius[same]).abs().median()) < 0.05
