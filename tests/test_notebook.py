@@ -111,9 +111,9 @@ def test_quickstart_runs_in_a_jupyter_kernel(kernel, digits_model):
         assert re.search(rf"{re.escape(metric)}.*?{value}", card, re.S), (metric, value)
     assert "<svg" in card
 
-    # larger budgets on 200 digits: PGD-20 leaves 30 robust at 0.15 (0.15), below the gate's 0.5
+    # larger budgets on 200 digits: PGD-20 leaves 32 robust at 0.15 (0.16; under tests/numerics.py), below the gate's 0.5
     larger = _html(_outputs(nb, "harness.run(config)"))
-    assert re.search(r"\bFAIL\b", larger) and re.search(r"robust_accuracy:worst-linf@0.15.*?0\.1500", larger, re.S)
+    assert re.search(r"\bFAIL\b", larger) and re.search(r"robust_accuracy:worst-linf@0.15.*?0\.1600", larger, re.S)
     assert "<svg" in larger
 
     # the 3-epoch model fails the clean gate (0.9289 of 450, 0.0533 below the reference's 0.9822)
