@@ -267,6 +267,22 @@ def test_the_builtin_model_trains_under_noise_on_request_and_caches_apart():
     assert math.isfinite(noise_recipe(0.25)["noise_sigma"])
 
 
+def test_the_provenance_of_a_noise_trained_builtin_model_names_its_own_weights(tmp_path):
+    """The scorecard hashes the file the run loaded: the noise recipe's cache entry, not the plain
+    model's (which an empty cache does not even hold: the run stopped with exit 2 naming it)."""
+    import hashlib
+
+    from harness.sources.builtin import RECIPE, noise_recipe, weights_path
+
+    card = harness.run({"name": "noise-provenance", "device": "cpu", "model": {"source": "builtin:digits-cnn", "kwargs": {"noise_sigma": 0.25}},
+                        "data": {"source": "builtin:digits", "split": "test", "limit": 20}, "attacks": []},
+                       show_progress=False, out=tmp_path)
+    weights = [a for a in card.record["provenance"]["artifacts"] if a["role"] == "weights"]
+    path = weights_path(noise_recipe(0.25))
+    assert [a["path"] for a in weights] == [str(path)] and path != weights_path(RECIPE)
+    assert weights[0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.mark.slow
 def test_the_certified_config_passes_as_ci_runs_it_and_its_certificates_are_sound(tmp_path):
     """configs/certified.yaml as CI runs it: the noise-trained builtin model; measured at seed 0,

@@ -42,9 +42,10 @@ def _artifacts(ctx: RunContext) -> list[dict[str, Any]]:
     cfg, req, base = ctx.cfg, ctx.request, ctx.base
     artifacts = [] if req.model is not None else model_artifacts(cfg.model.source, cfg.model.weights, base)
     if req.model is None and cfg.model.source == "builtin:digits-cnn":
-        from harness.sources.builtin import weights_path
+        from harness.sources.builtin import recipe_for, weights_path
 
-        artifacts.append(artifact("weights", weights_path()))  # the cached, trained builtin model the run loaded
+        # the cached, trained builtin model the run loaded: the plain recipe's or the noise-trained one's
+        artifacts.append(artifact("weights", weights_path(recipe_for(dict(cfg.model.kwargs)))))
     if req.data is None:
         artifacts += [a for a in [data_artifact(cfg.data.source, base, split=cfg.data.split)] if a]
     artifacts += [a for a in [config_artifact(req.config)] if a]

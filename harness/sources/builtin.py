@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["DigitsCNN", "RECIPE", "noise_recipe", "digits_cnn", "cache_dir", "train_digits_cnn"]
+__all__ = ["DigitsCNN", "RECIPE", "noise_recipe", "recipe_for", "digits_cnn", "cache_dir", "train_digits_cnn"]
 
 # threads: 2, what a first `harness run` used on the 2-core machines the figures in the README and
 # the tests were measured with
@@ -42,6 +42,23 @@ def noise_recipe(sigma: float) -> dict:
     """The builtin recipe trained under Gaussian noise of standard deviation `sigma` (every batch, [0, 1]
     input space, not clipped): `model: {source: builtin:digits-cnn, kwargs: {noise_sigma: 0.25}}`."""
     return {**RECIPE, "noise_sigma": float(sigma)}
+
+
+def recipe_for(kwargs: dict) -> dict:
+    """The recipe `model: {source: builtin:digits-cnn, kwargs: ...}` names: RECIPE, or with `noise_sigma`
+    the recipe trained under that noise. BadInput naming the key for any other kwarg or a bad sigma."""
+    from harness.core.errors import BadInput
+
+    unknown = sorted(set(kwargs) - {"noise_sigma"})
+    if unknown:
+        raise BadInput(f"model.kwargs.{unknown[0]}", "builtin:digits-cnn takes only `noise_sigma` (train under Gaussian noise of that "
+                       "standard deviation, for randomized smoothing)")
+    sigma = kwargs.get("noise_sigma")
+    if sigma is None:
+        return RECIPE
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < float("inf"):
+        raise BadInput("model.kwargs.noise_sigma", f"must be a positive number, got {sigma!r}")
+    return noise_recipe(sigma)
 
 
 def cache_dir() -> Path:

@@ -184,18 +184,11 @@ def _apply_weights(net: nn.Module, path: Path) -> None:
 
 @MODELS.register("builtin:digits-cnn")
 def _builtin_digits_cnn(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
-    from harness.sources.builtin import RECIPE, digits_cnn, noise_recipe
+    from harness.sources.builtin import digits_cnn, recipe_for
 
     if num_classes not in (None, 10):
         raise BadInput("model.num_classes", f"builtin:digits-cnn has 10 classes, not {num_classes}")
-    unknown = sorted(set(kwargs) - {"noise_sigma"})
-    if unknown:
-        raise BadInput(f"model.kwargs.{unknown[0]}", "builtin:digits-cnn takes only `noise_sigma` (train under Gaussian noise of that "
-                       "standard deviation, for randomized smoothing)")
-    sigma = kwargs.get("noise_sigma")
-    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < float("inf")):
-        raise BadInput("model.kwargs.noise_sigma", f"must be a positive number, got {sigma!r}")
-    net, _ = digits_cnn(RECIPE if sigma is None else noise_recipe(sigma))
+    net, _ = digits_cnn(recipe_for(kwargs))
     return net
 
 
