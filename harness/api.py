@@ -20,7 +20,7 @@ __all__ = ["run", "resolve_config"]
 
 def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: Optional[Union[str, Path]] = None,
         device: Optional[Union[str, list]] = None, seed: Optional[int] = None, baseline: Optional[Union[str, Path, Scorecard]] = None,
-        show_progress: Optional[bool] = None, resume: bool = False, engine: Any = None) -> Scorecard:
+        show_progress: Optional[bool] = None, resume: bool = False, engine: Any = None, mlflow: Optional[str] = None) -> Scorecard:
     """Runs a suite and returns its Scorecard; writes the run's outputs to `out` when given.
 
     `config` is a YAML path, a dict, a Config, or None for the embedded default. `model` (a
@@ -34,9 +34,12 @@ def run(config: ConfigLike = None, *, model: Any = None, data: Any = None, out: 
     rest. While it runs, the run holds `out` (a lock file in it): a second run into the same `out`
     raises BadInput naming the first. `engine` ("local", "ray", an `engine:` mapping such as
     {"name": "ray", "address": "auto"}, or an engine object, used and left open) says where the
-    units run; the results do not depend on it.
+    units run; the results do not depend on it. `mlflow` (a tracking URI, "" for MLflow's default)
+    logs the finished run to MLflow, replacing the config's `tracking.mlflow`; the card's `tracking`
+    then holds the MLflow run id.
     """
-    request = RunRequest(config, model, data, None if out is None else Path(out), device, seed, baseline, show_progress, resume, engine)
+    request = RunRequest(config, model, data, None if out is None else Path(out), device, seed, baseline, show_progress, resume, engine,
+                         mlflow)
     with contextlib.ExitStack() as stack:
         if request.out is not None:
             from harness.core.files import output_lock

@@ -133,6 +133,9 @@ def _print_summary(card, out: Optional[Path]) -> None:
             click.echo(f"  [check {c['status']}] {c['name']}: {c['detail']}")
     if out is not None:
         click.echo(f"outputs: {out}/ (scorecard.json, report.html, junit.xml, summary.md, outcomes.json)")
+    tracked = getattr(card, "tracking", None)
+    if tracked:
+        click.echo(f"mlflow: run {tracked['mlflow_run_id']} in experiment {tracked['experiment']!r} at {tracked['tracking_uri']}")
 
 
 @cli.command()
@@ -150,9 +153,13 @@ def _print_summary(card, out: Optional[Path]) -> None:
 @click.option("--workers", type=int, help="ray (implies --engine ray): how many workers [default: one per GPU, or per CPU slot].")
 @click.option("--gpus-per-worker", type=float, help="ray (implies --engine ray): GPUs per worker; a fraction such as 0.5 puts "
               "two on each GPU.")
+@click.option("--mlflow", "mlflow", is_flag=False, flag_value="", default=None, metavar="[TRACKING_URI]",
+              help="Log the run to MLflow (params, metrics, verdict and hashes as tags, the outputs as artifacts) at "
+              "TRACKING_URI [default: the config's tracking.mlflow, else MLFLOW_TRACKING_URI]. Needs pip install 'robustgate[mlflow]'.")
 @_guard
 def run(config: Optional[Path], out: Optional[Path], device: Optional[str], baseline: Optional[Path], seed: Optional[int],
-        resume: bool, engine: Optional[str], address: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float]) -> None:
+        resume: bool, engine: Optional[str], address: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
+        mlflow: Optional[str]) -> None:
     """Run a suite (the embedded default when CONFIG is left out) and write its scorecard.
 
     Ctrl-C or SIGTERM stops it with exit 3, keeping finished attacks; --resume continues it (with
@@ -185,7 +192,7 @@ def run(config: Optional[Path], out: Optional[Path], device: Optional[str], base
     out = out or _default_out(cfg.name)
     try:
         with _sigterm_as_interrupt():
-            card = run_suite(cfg if config is None else config, out=out, device=device, seed=seed, baseline=baseline, **extra)
+            card = run_suite(cfg if config is None else config, out=out, device=device, seed=seed, baseline=baseline, mlflow=mlflow, **extra)
     except KeyboardInterrupt:  # before or after the attacks (harness.run maps one during them to RunFailed)
         kept = f"; finished results are in {out / PARTIAL}" if (out / PARTIAL).is_file() else ""
         raise RunFailed(f"interrupted{kept}") from None

@@ -173,6 +173,8 @@ CONFIG_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
     "engine_unknown": ({"engine": "spark"}, says("suite.yaml: engine.name", "'local' or 'ray'", "'spark'")),
     "engine_ray_key_on_local": ({"engine": {"workers": 2}}, says("suite.yaml: engine", "workers applies to the ray engine only")),
     "engine_workers_zero": ({"engine": {"name": "ray", "workers": 0}}, says("suite.yaml: engine.workers", "greater than or equal to 1")),
+    "tracking_unknown_key": ({"tracking": {"mlflow": "sqlite:///m.db", "uri": "x"}}, says("suite.yaml: tracking.uri", "unknown key 'uri'", "valid: mlflow, experiment, run_name")),
+    "tracking_empty_experiment": ({"tracking": {"experiment": " "}}, says("suite.yaml: tracking.experiment", "non-empty name")),
     "train_epochs_zero": ({"train": {"epochs": 0}}, says("suite.yaml: train.epochs", "greater than or equal to 1")),
     "train_unknown_defense_knob": ({"train": {"defense": {"pgd-at": {"epsilonn": 0.1}}}}, says("suite.yaml: train.defense", "epsilonn")),
     "probe_unknown": ({"probes": [{"name": "badnet", "fractions": [0.1]}]}, says("suite.yaml: probes[0]", "unknown probe 'badnet'", "badnets")),

@@ -349,6 +349,24 @@ class EngineConfig(Strict):
         return self
 
 
+class TrackingConfig(Strict):
+    """`tracking:` where a run is logged besides its output directory. `mlflow` is a tracking URI
+    (`http://host:5000`, `sqlite:///mlflow.db`, `databricks`, ...; an empty string takes
+    MLFLOW_TRACKING_URI, else MLflow's default); `harness run --mlflow [URI]` overrides it. Like
+    `engine`, not part of what a resumed run must match (harness.reports.tracking)."""
+
+    mlflow: Optional[str] = None
+    experiment: str = "harness"
+    run_name: Optional[str] = None  # None: the config's name
+
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("experiment must be a non-empty name")
+        return v
+
+
 class Config(Strict):
     name: str = "suite"
     seed: int = 0
@@ -364,6 +382,7 @@ class Config(Strict):
     gates: list[GateConfig] = []
     on_inconclusive: Literal["fail", "pass"] = "fail"  # a gate whose threshold lies inside its 95% interval
     train: Optional[TrainConfig] = None  # `harness harden`
+    tracking: TrackingConfig = TrackingConfig()  # MLflow; like engine, not part of what a result depends on
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

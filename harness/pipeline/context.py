@@ -40,6 +40,7 @@ class RunRequest:
     show_progress: Optional[bool] = None
     resume: bool = False
     engine: Any = None  # "local", "ray" or an `engine:` mapping replacing the config's; or an Engine to use as it is
+    mlflow: Optional[str] = None  # a tracking URI replacing the config's `tracking.mlflow` ("" for MLflow's default)
 
 
 @dataclass(repr=False)

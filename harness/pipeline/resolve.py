@@ -46,6 +46,9 @@ def resolve(ctx: RunContext) -> RunContext:
                             **({"device": req.device} if req.device is not None else {}),
                             **({"engine": engine} if engine is not None else {})}, ctx.label)
     ctx.cfg = cfg
+    from harness.pipeline.track import require_tracking
+
+    require_tracking(ctx)  # a missing mlflow is bad input before the run, not a failure after it
     ctx.baseline = req.baseline if isinstance(req.baseline, Scorecard) or req.baseline is None else Scorecard.load(req.baseline)
     ctx.started, ctx.t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     return ctx

@@ -2,7 +2,7 @@
 
 `run-state.json` in the output directory holds every finished unit (an attack at one epsilon, a
 minimal attack, a corruption at one severity) with its per-sample masks, written atomically after
-each unit. It is tied to a fingerprint of the config (less `device` and `engine`: metrics do not depend on
+each unit. It is tied to a fingerprint of the config (less `device`, `engine` and `tracking`: metrics do not depend on
 them), the model's and the data's hashes and the harness version; a state with another fingerprint
 is set aside rather than mixed into a different run. `SavedWork` is one run's view of it: where
 it saves, what it restored, what it has finished.
@@ -31,7 +31,7 @@ _SCALARS = ("seconds", "violations", "nonfinite", "queries", "gradients", "targe
 
 def fingerprint(config: dict[str, Any], model_sha256: str, dataset_sha256: str, version: str) -> str:
     """What a saved state must match to be reused."""
-    cfg = {k: v for k, v in config.items() if k not in ("device", "engine")}  # where it ran does not change what it measured
+    cfg = {k: v for k, v in config.items() if k not in ("device", "engine", "tracking")}  # where it ran does not change what it measured
     blob = json.dumps({"config": cfg, "model": model_sha256, "data": dataset_sha256, "harness": version}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -4,7 +4,7 @@ and returns it with its fields filled (see harness.pipeline.context).
     ctx = run_stages(RunContext(RunRequest(config="configs/ci-gate.yaml", out=Path("reports/ci"))))
     ctx.card.verdict
 
-resolve -> load -> provenance -> suite -> defended -> probed -> certified -> judge -> write. harness.run is
+resolve -> load -> provenance -> suite -> defended -> probed -> certified -> judge -> write -> track. harness.run is
 this inside the output lock and the guard that hands a caller's model back as it was found.
 """
 
@@ -21,13 +21,14 @@ from harness.pipeline.probed import probed
 from harness.pipeline.provenance import provenance
 from harness.pipeline.resolve import resolve
 from harness.pipeline.suite import suite
+from harness.pipeline.track import track
 from harness.pipeline.write import write
 
 __all__ = ["Stage", "STAGES", "run_stages"]
 
 Stage = Callable[[RunContext], RunContext]
 
-STAGES: tuple[Stage, ...] = (resolve, load, provenance, suite, defended, probed, certified, judge, write)
+STAGES: tuple[Stage, ...] = (resolve, load, provenance, suite, defended, probed, certified, judge, write, track)
 
 
 def run_stages(ctx: RunContext, stages: Sequence[Stage] = STAGES) -> RunContext:

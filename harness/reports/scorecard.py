@@ -37,6 +37,7 @@ class Scorecard:
             raise ValueError(f"a scorecard record needs the keys {', '.join(missing)}")
         self.record = decode_infinities(record)  # a record as saved (inf spelled "inf") gates like the run's
         self.outcomes = outcomes
+        self.tracking: Optional[dict[str, str]] = None  # where the run was logged (MLflow run id); not part of the record
 
     name = property(lambda self: self.record["name"])
     passed = property(lambda self: bool(self.record["passed"]))
