@@ -155,7 +155,7 @@ def _print_summary(card, out: Optional[Path]) -> None:
               "two on each GPU.")
 @click.option("--mlflow", "mlflow", is_flag=False, flag_value="", default=None, metavar="[TRACKING_URI]",
               help="Log the run to MLflow (params, metrics, verdict and hashes as tags, the outputs as artifacts) at "
-              "TRACKING_URI [default: the config's tracking.mlflow, else MLFLOW_TRACKING_URI]. Needs pip install 'robustgate[mlflow]'.")
+              "TRACKING_URI [default: the config's tracking.mlflow, else MLFLOW_TRACKING_URI]; give it after CONFIG. Needs pip install 'robustgate[mlflow]'.")
 @_guard
 def run(config: Optional[Path], out: Optional[Path], device: Optional[str], baseline: Optional[Path], seed: Optional[int],
         resume: bool, engine: Optional[str], address: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
@@ -169,6 +169,9 @@ def run(config: Optional[Path], out: Optional[Path], device: Optional[str], base
     from harness.api import resolve_config, run as run_suite
     from harness.engines.devices import parse_devices
 
+    if config is None and mlflow and Path(mlflow).suffix in (".yaml", ".yml"):
+        # --mlflow takes an optional value, so `--mlflow CONFIG` read the config as a tracking URI
+        raise BadInput("--mlflow", f"{mlflow!r} looks like a config, not a tracking URI: write `harness run {mlflow} --mlflow [URI]`")
     cfg, _, _ = resolve_config(config)  # validate before anything heavy, and to name the output dir
     if device is not None:
         parse_devices(device)

@@ -90,6 +90,11 @@ def test_tracking_without_mlflow_is_bad_input_before_any_work(tmp_path, monkeypa
     assert result.exit_code == 2 and "robustgate[mlflow]" in result.output
 
 
+def test_a_config_after_a_bare_mlflow_flag_is_named_not_run_as_the_default(cli, tmp_path):
+    result = cli("run", "--mlflow", str(_suite(tmp_path / "s.yaml")), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "looks like a config, not a tracking URI" in result.output and not (tmp_path / "o").exists()
+
+
 def test_the_tracking_section_is_validated_and_does_not_change_the_resume_fingerprint(tmp_path, cli):
     bad = _suite(tmp_path / "bad.yaml", tracking={"mlflow": "sqlite:///x.db", "experimnt": "e"})
     result = cli("validate", str(bad))
