@@ -1,7 +1,8 @@
 """Models as the harness sees them: [0, 1] inputs in, logits out, always in eval mode.
 
-Sources: ``builtin:digits-cnn``, ``python:module:factory``, ``torchvision:NAME`` (weights from a
-local file only) and ``torchscript:PATH``. Weights are safetensors or a plain state_dict read
+Sources: ``builtin:digits-cnn``, ``python:module:factory``, ``torchvision:NAME`` and ``timm:NAME``
+(architectures built with pretrained=False, weights from a local file only; a timm model's own mean
+and std become the preprocessing unless the config gives one) and ``torchscript:PATH``. Weights are safetensors or a plain state_dict read
 with ``torch.load(weights_only=True)``: an arbitrary pickle is refused and its code never runs.
 Two sources are code by nature and loading them runs it: ``python:`` imports a module and calls
 its factory, ``torchscript:`` runs the TorchScript program the archive holds (RUNS_CODE says so).
@@ -231,6 +232,33 @@ def _torchvision(arg: str, num_classes: Optional[int], kwargs: dict, base: Path)
     return torchvision.models.get_model(arg, weights=None, **extra, **kwargs)
 
 
+@MODELS.register("timm")
+def _timm(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
+    from harness.attacks.adapters import require
+
+    timm = require("timm")
+    if "pretrained" in kwargs or "pretrained_cfg_overlay" in kwargs:
+        raise BadInput("model.kwargs.pretrained", "timm models are built with pretrained=False: weights come from model.weights, "
+                       "a local file (nothing is downloaded)")
+    if not timm.is_model(arg):
+        close = timm.list_models(f"*{arg.split('.')[0][:6]}*")[:8]
+        raise BadInput("model.source", f"unknown timm model {arg!r}" + (f" (close: {', '.join(close)})" if close else
+                       " (timm.list_models() lists them)"))
+    extra = {"num_classes": num_classes} if num_classes is not None else {}
+    try:
+        return timm.create_model(arg, pretrained=False, **extra, **kwargs)
+    except TypeError as e:
+        raise BadInput("model.kwargs", f"timm model {arg!r} does not take these kwargs ({_one_line(e)})") from None
+
+
+def _own_preprocessing(scheme: str, net: nn.Module) -> tuple[Optional[list[float]], Optional[list[float]]]:
+    """The normalization a source's model carries with it (a timm model's pretrained_cfg), or none."""
+    cfg = getattr(net, "pretrained_cfg", None) if scheme == "timm" else None
+    if not isinstance(cfg, Mapping) or cfg.get("mean") is None or cfg.get("std") is None:
+        return None, None
+    return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+
+
 @MODELS.register("torchscript")
 def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
     path = _resolve(arg, base)
@@ -246,7 +274,7 @@ def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path)
         raise BadInput(str(path), f"not a loadable TorchScript archive ({type(e).__name__}: {_one_line(e)})") from None
 
 
-_FORMS = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "torchscript": "torchscript:PATH"}
+_FORMS = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "timm": "timm:NAME", "torchscript": "torchscript:PATH"}
 
 # What loading each source executes, for `harness list models`: the weights file is never unpickled,
 # but a python: module and a TorchScript archive are code, and loading them runs it.
@@ -254,6 +282,7 @@ RUNS_CODE = {
     "builtin:digits-cnn": "runs only the harness's own code",
     "python": "RUNS CODE: imports and runs the module and calls its factory (trust it as you would `import` it)",
     "torchvision": "runs only torchvision's code (architecture from torchvision; weights from a local file only)",
+    "timm": "runs only timm's code (architecture from timm, pretrained=False; weights from a local file only; pip install 'robustgate[timm]')",
     "torchscript": "RUNS CODE: runs the TorchScript program the archive holds, when loaded and on every forward pass",
 }
 WEIGHTS_NOTE = ("weights: (any source) safetensors, or torch.load(weights_only=True) on torch >= 2.6; never unpickled "
@@ -297,10 +326,14 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
                kwargs: Optional[dict[str, Any]] = None, base: Path = Path(".")) -> tuple[BoundedModel, dict[str, Any]]:
     """Builds the wrapped model and a provenance record (hashes of weights and parameters)."""
     scheme, arg = _scheme(source)
-    if scheme == "torchvision" and weights is None:
-        raise BadInput("model.weights", "torchvision models need a local weights file (nothing is downloaded)")
+    if scheme in ("torchvision", "timm") and weights is None:
+        raise BadInput("model.weights", f"{scheme} models need a local weights file (nothing is downloaded)")
     net = MODELS.get(scheme)(arg, num_classes, dict(kwargs or {}), base)
     info: dict[str, Any] = {"source": source}
+    if mean is None and std is None:
+        mean, std = _own_preprocessing(scheme, net)
+        if mean is not None:
+            info["preprocessing"] = {"mean": mean, "std": std, "from": f"the {scheme} model's own configuration"}
     if weights is not None:
         path = _resolve(weights, base)
         _apply_weights(net, path)
