@@ -213,10 +213,15 @@ def validity_checks(model: BoundedModel, data: Data, ev: Evaluation, attacks: Se
     gen = lambda k: torch.Generator(device=dev).manual_seed(seed_of(seed, 0xC4EC, k))
     pick = torch.linspace(0, len(data) - 1, min(len(data), _CHECK_POINTS)).round().long().unique()
     x, y = data.read(pick).to(dev), data.y[pick].to(dev)
-    out = [validity.randomness(model, x, sample=sample), validity.gradients(model, x, y, sample=sample)]
+    black_box = getattr(model, "black_box", None)  # a model without gradients (an ONNX graph run by onnxruntime)
+    no_gradients = f"the model is a black box ({black_box}): it has no gradients to check, and only black-box attacks ran"
+    out = [validity.randomness(model, x, sample=sample),
+           validity.gradients(model, x, y, sample=sample) if not black_box else validity.record("vanishing-gradients", "skipped", no_gradients)]
     bounded = [r for r in ev.results if r.norm is not None and r.parts]
     strongest = _strongest(attacks) if bounded else None
-    if bounded:
+    if bounded and black_box:
+        out.append(validity.record("large-epsilon", "skipped", no_gradients))
+    elif bounded:
         out.append(validity.large_epsilon(model, x, y, generator=gen(1), sample=sample))
     else:
         out.append(record("large-epsilon", "skipped", "the suite ran no attack at an epsilon: no robust accuracy for it to vouch for"))

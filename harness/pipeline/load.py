@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.sources.data import Data
     from harness.sources.models import BoundedModel
 
-__all__ = ["load", "seed_everything", "as_data", "configured_model"]
+__all__ = ["load", "seed_everything", "as_data", "configured_model", "refuse_white_box"]
 
 
 def seed_everything(seed: int) -> None:
@@ -51,6 +51,29 @@ def configured_model(ctx: RunContext, weights: Optional[str]) -> BoundedModel:
     return load_model(m.source, weights, m.num_classes, pre.mean, pre.std, m.kwargs, ctx.base)[0]
 
 
+def refuse_white_box(cfg: Config, model: BoundedModel) -> None:
+    """A model without gradients (an ONNX graph that did not convert) runs only what needs none: every
+    entry that needs gradients or the model's torch modules is bad input, said before any work."""
+    from harness.attacks import ATTACKS
+    from harness.attacks.base import access_of
+    from harness.config import CorruptionConfig
+
+    reason = model.black_box
+    if reason is None:
+        return
+    runs = sorted(n for n, a in ATTACKS.items() if access_of(a) != "white-box") + ["corruptions"]
+    why = f"{cfg.model.source} runs as a black box ({reason})"
+    for i, a in enumerate(cfg.attacks):
+        if not isinstance(a, CorruptionConfig) and access_of(a.build()) == "white-box":
+            raise BadInput(f"attacks[{i}]", f"{a.attack_id} needs gradients, but {why}; attacks that can run: {', '.join(runs)}")
+    for section in ("probes", "defenses"):
+        if getattr(cfg, section):
+            raise BadInput(f"{section}[0]", f"{section} need the model's torch modules, but {why}")
+    for i, c in enumerate(cfg.certificates):
+        if c.name == "interval-bounds":
+            raise BadInput(f"certificates[{i}]", f"interval bounds follow the network's layers, but {why}")
+
+
 def load(ctx: RunContext) -> RunContext:
     import torch
 
@@ -84,6 +107,7 @@ def load(ctx: RunContext) -> RunContext:
     channels = ctx.data.shape[0]
     if any(v is not None and len(v) != channels for v in (pre.mean, pre.std)):
         raise BadInput("model.preprocessing", f"mean/std need one value per channel: the data has {channels}")
+    refuse_white_box(cfg, ctx.model)
     if cfg.certificates:  # a layer interval bounds cannot follow is bad input: said now, before the suite runs
         from harness.evaluation.certificates import check_models
 

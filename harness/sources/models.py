@@ -50,6 +50,11 @@ class BoundedModel(nn.Module):
         self.outputs_probabilities = False
         self.train(False)
 
+    @property
+    def black_box(self) -> Optional[str]:
+        """Why the network runs without gradients (an ONNX graph onnxruntime runs), or None."""
+        return getattr(self.net, "black_box_reason", None)
+
     def train(self, mode: bool = True) -> "BoundedModel":
         return super().train(False)  # evaluation never runs a model in training mode
 
@@ -259,6 +264,13 @@ def _own_preprocessing(scheme: str, net: nn.Module) -> tuple[Optional[list[float
     return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
 
 
+@MODELS.register("onnx")
+def _onnx(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
+    from harness.sources.onnx import load_onnx
+
+    return load_onnx(_resolve(arg, base), num_classes, kwargs)
+
+
 @MODELS.register("torchscript")
 def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
     path = _resolve(arg, base)
@@ -274,7 +286,8 @@ def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path)
         raise BadInput(str(path), f"not a loadable TorchScript archive ({type(e).__name__}: {_one_line(e)})") from None
 
 
-_FORMS = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "timm": "timm:NAME", "torchscript": "torchscript:PATH"}
+_FORMS = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "timm": "timm:NAME", "torchscript": "torchscript:PATH",
+          "onnx": "onnx:PATH"}
 
 # What loading each source executes, for `harness list models`: the weights file is never unpickled,
 # but a python: module and a TorchScript archive are code, and loading them runs it.
@@ -284,6 +297,8 @@ RUNS_CODE = {
     "torchvision": "runs only torchvision's code (architecture from torchvision; weights from a local file only)",
     "timm": "runs only timm's code (architecture from timm, pretrained=False; weights from a local file only; pip install 'robustgate[timm]')",
     "torchscript": "RUNS CODE: runs the TorchScript program the archive holds, when loaded and on every forward pass",
+    "onnx": "runs no code of yours: onnxruntime executes the graph (or torch's operators, once onnx2torch converts it); "
+            "pip install 'robustgate[onnx]'",
 }
 WEIGHTS_NOTE = ("weights: (any source) safetensors, or torch.load(weights_only=True) on torch >= 2.6; never unpickled "
                 "as arbitrary objects, so a weights file runs no code")
@@ -328,6 +343,8 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
     scheme, arg = _scheme(source)
     if scheme in ("torchvision", "timm") and weights is None:
         raise BadInput("model.weights", f"{scheme} models need a local weights file (nothing is downloaded)")
+    if scheme == "onnx" and weights is not None:
+        raise BadInput("model.weights", "an ONNX file holds its own weights: leave model.weights out")
     net = MODELS.get(scheme)(arg, num_classes, dict(kwargs or {}), base)
     info: dict[str, Any] = {"source": source}
     if mean is None and std is None:
@@ -339,7 +356,9 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
         _apply_weights(net, path)
         info["weights"] = str(path)
         info["weights_sha256"] = sha256_file(path)
-    info["model_sha256"] = state_dict_sha256(net)
+    info["model_sha256"] = state_dict_sha256(net) if scheme != "onnx" else sha256_file(_resolve(arg, base))
+    if scheme == "onnx":
+        info["onnx"] = getattr(net, "onnx_conversion", None) or {"gradients": None, "black_box": net.black_box_reason}
     model = BoundedModel(net, mean, std)
     # where it came from, for an engine whose workers rebuild it (harness.engines.recipes)
     model.origin = {"source": source, "num_classes": num_classes, "mean": None if mean is None else list(mean),
