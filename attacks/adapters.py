@@ -46,7 +46,7 @@ class MissingDependency(BadInput, ImportError):
 def _install_hint(module: str) -> str:
     top = module.split(".")[0]
     extra = {"foolbox": "foolbox", "art": "art", "alibi_detect": "alibi", "timm": "timm", "onnxruntime": "onnx",
-             "onnx2torch": "onnx", "onnx": "onnx"}.get(top, "all")
+             "onnx2torch": "onnx", "onnx": "onnx", "transformers": "huggingface"}.get(top, "all")
     return f"this needs the optional package {top!r}: pip install 'robustgate[{extra}]'"
 
 

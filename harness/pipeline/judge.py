@@ -33,6 +33,9 @@ def record_of(ctx: RunContext, ev: Evaluation, defended: Optional[tuple] = None,
            "provenance": {**ctx.provenance, "duration_s": round(time.perf_counter() - ctx.t0, 3)}}
     # pictures are the reporting layer's: evaluation hands over masks and pixels, reports make the PNGs
     rec["classes"] = class_records(ev, ctx.data.y, cfg.model.num_classes)
+    labels = ctx.model_info.get("labels")  # a model that names its classes (a Hugging Face config's id2label)
+    if labels and len(labels) >= len(rec["classes"]["ids"]):
+        rec["classes"]["names"] = [labels[i] for i in rec["classes"]["ids"]]
     rec["examples"] = example_records(ev, ctx.data)
     # 95%: Wilson for every fraction with a sample count, plus the producers' own (AUROC, medians, ...)
     rec["intervals"] = metric_intervals(rec)

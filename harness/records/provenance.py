@@ -136,11 +136,11 @@ def python_artifacts(module_name: str) -> list[dict[str, str]]:
 
 
 def model_artifacts(source: str, weights: Optional[str], base: Path) -> list[dict[str, str]]:
-    """The model file (torchscript:, onnx:), the source of a python: model's module (once imported) and
-    the weights file a model reads; [] when it reads none."""
+    """The model file (torchscript:, onnx:) or directory (huggingface:, as a tree), the source of a
+    python: model's module (once imported) and the weights file a model reads; [] when it reads none."""
     scheme, _, arg = source.partition(":")
     found = []
-    if scheme in ("torchscript", "onnx") and arg:
+    if scheme in ("torchscript", "onnx", "huggingface") and arg:
         found.append(artifact("model", _resolve(arg, base)))
     if scheme == "python" and ":" in arg:
         found += python_artifacts(arg.rpartition(":")[0])

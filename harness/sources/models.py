@@ -1,6 +1,7 @@
 """Models as the harness sees them: [0, 1] inputs in, logits out, always in eval mode.
 
-Sources: ``builtin:digits-cnn``, ``python:module:factory``, ``torchvision:NAME`` and ``timm:NAME``
+Sources: ``builtin:digits-cnn``, ``python:module:factory``, ``onnx:PATH`` and ``huggingface:DIR`` (data,
+run by onnxruntime or transformers), ``torchvision:NAME`` and ``timm:NAME``
 (architectures built with pretrained=False, weights from a local file only; a timm model's own mean
 and std become the preprocessing unless the config gives one) and ``torchscript:PATH``. Weights are safetensors or a plain state_dict read
 with ``torch.load(weights_only=True)``: an arbitrary pickle is refused and its code never runs.
@@ -257,8 +258,10 @@ def _timm(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.
 
 
 def _own_preprocessing(scheme: str, net: nn.Module) -> tuple[Optional[list[float]], Optional[list[float]]]:
-    """The normalization a source's model carries with it (a timm model's pretrained_cfg), or none."""
-    cfg = getattr(net, "pretrained_cfg", None) if scheme == "timm" else None
+    """The normalization a source's model carries with it (a timm model's pretrained_cfg, a Hugging Face
+    image processor's), or none."""
+    cfg = {"timm": lambda: getattr(net, "pretrained_cfg", None), "huggingface": lambda: getattr(net, "own_preprocessing", None)}.get(
+        scheme, lambda: None)()
     if not isinstance(cfg, Mapping) or cfg.get("mean") is None or cfg.get("std") is None:
         return None, None
     return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
@@ -269,6 +272,13 @@ def _onnx(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.
     from harness.sources.onnx import load_onnx
 
     return load_onnx(_resolve(arg, base), num_classes, kwargs)
+
+
+@MODELS.register("huggingface")
+def _huggingface(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
+    from harness.sources.huggingface import load_huggingface
+
+    return load_huggingface(_resolve(arg, base), num_classes, kwargs)
 
 
 @MODELS.register("torchscript")
@@ -287,7 +297,7 @@ def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path)
 
 
 _FORMS = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "timm": "timm:NAME", "torchscript": "torchscript:PATH",
-          "onnx": "onnx:PATH"}
+          "onnx": "onnx:PATH", "huggingface": "huggingface:DIR"}
 
 # What loading each source executes, for `harness list models`: the weights file is never unpickled,
 # but a python: module and a TorchScript archive are code, and loading them runs it.
@@ -297,6 +307,8 @@ RUNS_CODE = {
     "torchvision": "runs only torchvision's code (architecture from torchvision; weights from a local file only)",
     "timm": "runs only timm's code (architecture from timm, pretrained=False; weights from a local file only; pip install 'robustgate[timm]')",
     "torchscript": "RUNS CODE: runs the TorchScript program the archive holds, when loaded and on every forward pass",
+    "huggingface": "runs only transformers' code (a local directory; model.safetensors only, never a pickle; "
+                   "trust_remote_code off); pip install 'robustgate[huggingface]'",
     "onnx": "runs no code of yours: onnxruntime executes the graph (or torch's operators, once onnx2torch converts it); "
             "pip install 'robustgate[onnx]'",
 }
@@ -343,8 +355,9 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
     scheme, arg = _scheme(source)
     if scheme in ("torchvision", "timm") and weights is None:
         raise BadInput("model.weights", f"{scheme} models need a local weights file (nothing is downloaded)")
-    if scheme == "onnx" and weights is not None:
-        raise BadInput("model.weights", "an ONNX file holds its own weights: leave model.weights out")
+    if scheme in ("onnx", "huggingface") and weights is not None:
+        raise BadInput("model.weights", f"a{'n ONNX file' if scheme == 'onnx' else ' Hugging Face directory'} holds its own weights: "
+                       "leave model.weights out")
     net = MODELS.get(scheme)(arg, num_classes, dict(kwargs or {}), base)
     info: dict[str, Any] = {"source": source}
     if mean is None and std is None:
@@ -356,7 +369,9 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
         _apply_weights(net, path)
         info["weights"] = str(path)
         info["weights_sha256"] = sha256_file(path)
-    info["model_sha256"] = state_dict_sha256(net) if scheme != "onnx" else sha256_file(_resolve(arg, base))
+    info["model_sha256"] = state_dict_sha256(net) if scheme != "onnx" else sha256_file(_resolve(arg, base))  # an ORT session has no state dict
+    if scheme == "huggingface":
+        info["labels"], info["image_processor"] = net.labels, net.processor_notes
     if scheme == "onnx":
         info["onnx"] = getattr(net, "onnx_conversion", None) or {"gradients": None, "black_box": net.black_box_reason}
     model = BoundedModel(net, mean, std)
