@@ -281,6 +281,19 @@ def _huggingface(arg: str, num_classes: Optional[int], kwargs: dict, base: Path)
     return load_huggingface(_resolve(arg, base), num_classes, kwargs)
 
 
+def _endpoint(scheme: str) -> Any:
+    def load(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
+        from harness.sources.endpoint import load_endpoint
+
+        return load_endpoint(f"{scheme}:{arg}", num_classes, kwargs)
+
+    return load
+
+
+MODELS.register("http")(_endpoint("http"))
+MODELS.register("https")(_endpoint("https"))
+
+
 @MODELS.register("torchscript")
 def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.Module:
     path = _resolve(arg, base)
@@ -297,7 +310,7 @@ def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path)
 
 
 _FORMS = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "timm": "timm:NAME", "torchscript": "torchscript:PATH",
-          "onnx": "onnx:PATH", "huggingface": "huggingface:DIR"}
+          "onnx": "onnx:PATH", "huggingface": "huggingface:DIR", "http": "http://HOST[:PORT]/PATH", "https": "https://HOST[:PORT]/PATH"}
 
 # What loading each source executes, for `harness list models`: the weights file is never unpickled,
 # but a python: module and a TorchScript archive are code, and loading them runs it.
@@ -309,6 +322,8 @@ RUNS_CODE = {
     "torchscript": "RUNS CODE: runs the TorchScript program the archive holds, when loaded and on every forward pass",
     "huggingface": "runs only transformers' code (a local directory; model.safetensors only, never a pickle; "
                    "trust_remote_code off); pip install 'robustgate[huggingface]'",
+    "http": "runs no code: POSTs images to the endpoint and reads its scores (a black box: black-box attacks only)",
+    "https": "runs no code: POSTs images to the endpoint over TLS and reads its scores (a black box: black-box attacks only)",
     "onnx": "runs no code of yours: onnxruntime executes the graph (or torch's operators, once onnx2torch converts it); "
             "pip install 'robustgate[onnx]'",
 }
@@ -355,9 +370,9 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
     scheme, arg = _scheme(source)
     if scheme in ("torchvision", "timm") and weights is None:
         raise BadInput("model.weights", f"{scheme} models need a local weights file (nothing is downloaded)")
-    if scheme in ("onnx", "huggingface") and weights is not None:
-        raise BadInput("model.weights", f"a{'n ONNX file' if scheme == 'onnx' else ' Hugging Face directory'} holds its own weights: "
-                       "leave model.weights out")
+    if scheme in ("onnx", "huggingface", "http", "https") and weights is not None:
+        holder = {"onnx": "an ONNX file", "huggingface": "a Hugging Face directory"}.get(scheme, "an endpoint")
+        raise BadInput("model.weights", f"{holder} holds its own weights: leave model.weights out")
     net = MODELS.get(scheme)(arg, num_classes, dict(kwargs or {}), base)
     info: dict[str, Any] = {"source": source}
     if mean is None and std is None:
@@ -369,7 +384,12 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
         _apply_weights(net, path)
         info["weights"] = str(path)
         info["weights_sha256"] = sha256_file(path)
-    info["model_sha256"] = state_dict_sha256(net) if scheme != "onnx" else sha256_file(_resolve(arg, base))  # an ORT session has no state dict
+    if scheme == "onnx":  # an onnxruntime session has no state dict: the file is the model
+        info["model_sha256"] = sha256_file(_resolve(arg, base))
+    elif scheme in ("http", "https"):  # an endpoint's weights cannot be read: its address stands for the model
+        info["model_sha256"], info["endpoint"] = hashlib.sha256(source.encode()).hexdigest(), source
+    else:
+        info["model_sha256"] = state_dict_sha256(net)
     if scheme == "huggingface":
         info["labels"], info["image_processor"] = net.labels, net.processor_notes
     if scheme == "onnx":
