@@ -77,7 +77,8 @@ def test_failures_are_retried_with_backoff_and_retry_after(digits_model, tmp_pat
         x = torch.rand(5, 1, 8, 8)
         assert torch.equal(model(x), digits_model(x).detach())
         gaps = [b - a for a, b in zip(served.arrivals, served.arrivals[1:])]
-        assert len(served.arrivals) == 3 and min(gaps[:2]) >= 0.29  # two 503s, each waited out as Retry-After said
+        # two 503s, each waited out as Retry-After said (0.3 s; arrival stamps jitter by a thread switch on a loaded machine)
+        assert len(served.arrivals) == 3 and min(gaps[:2]) >= 0.25 and sum(gaps[:2]) >= 0.55
     with serve(digits_model, fail_first=5) as served:
         model, _ = load_model(served.url, kwargs={"retries": 2, "backoff": 0.01})
         with pytest.raises(RunFailed, match=r"failed 3 time\(s\), the last with HTTP 503"):
@@ -100,7 +101,8 @@ def test_the_client_side_rate_limit_spaces_requests(digits_model, tmp_path):
         model, _ = load_model(served.url, kwargs={"rate": 20, "batch": 1})
         model(torch.rand(6, 1, 8, 8))
     gaps = [b - a for a, b in zip(served.arrivals, served.arrivals[1:])]
-    assert len(gaps) == 5 and min(gaps) >= 0.045  # 20 requests per second: 50 ms apart (less the clock's jitter)
+    # 20 requests per second: 50 ms apart; arrival stamps jitter by a thread switch, so the span is the measure
+    assert len(gaps) == 5 and served.arrivals[-1] - served.arrivals[0] >= 0.24 and min(gaps) >= 0.025
 
 
 @pytest.mark.parametrize("kwargs, where, words", [
