@@ -47,6 +47,11 @@ def test_white_box_attacks_are_refused_before_any_query(digits_model, tmp_path, 
         result = cli("run", str(_suite(tmp_path, served.url, [{"name": "fgsm", "norm": "linf", "epsilons": [0.1]}])))
         assert result.exit_code == 2 and "attacks[0]: fgsm-linf needs gradients" in result.output and "square" in result.output
         assert served.images <= 8  # at most the load-time probe: no attack ran
+        smoothing = _suite(tmp_path, served.url, SQUARE)
+        cfg = yaml.safe_load(smoothing.read_text())
+        smoothing.write_text(yaml.safe_dump({**cfg, "certificates": [{"name": "randomized-smoothing", "radii": [0.25]}]}))
+        result = cli("run", str(smoothing))
+        assert result.exit_code == 2 and "certificates[0]: randomized smoothing's soundness check attacks" in result.output
 
 
 def test_credentials_come_from_the_environment_and_never_show(digits_model, tmp_path, cli, monkeypatch):

@@ -69,9 +69,10 @@ def refuse_white_box(cfg: Config, model: BoundedModel) -> None:
     for section in ("probes", "defenses"):
         if getattr(cfg, section):
             raise BadInput(f"{section}[0]", f"{section} need the model's torch modules, but {why}")
-    for i, c in enumerate(cfg.certificates):
-        if c.name == "interval-bounds":
-            raise BadInput(f"certificates[{i}]", f"interval bounds follow the network's layers, but {why}")
+    for i, c in enumerate(cfg.certificates):  # smoothing only queries, but its soundness check attacks with gradients
+        what = "interval bounds follow the network's layers" if c.name == "interval-bounds" else \
+            "randomized smoothing's soundness check attacks the smoothed classifier with gradients"
+        raise BadInput(f"certificates[{i}]", f"{what}, but {why}")
 
 
 def load(ctx: RunContext) -> RunContext:
