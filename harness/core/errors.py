@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BadInput", "RunFailed", "EXIT_PASS", "EXIT_GATE_FAILED", "EXIT_BAD_INPUT", "EXIT_RUN_FAILED"]
+__all__ = ["BadInput", "RunFailed", "one_line", "EXIT_PASS", "EXIT_GATE_FAILED", "EXIT_BAD_INPUT", "EXIT_RUN_FAILED"]
 
 EXIT_PASS = 0
 EXIT_GATE_FAILED = 1
@@ -25,3 +25,10 @@ class BadInput(Exception):
 
 class RunFailed(Exception):
     """The run itself failed after the input was accepted (exit 3); finished results are kept."""
+
+
+def one_line(error: object, limit: int = 300) -> str:
+    """An exception's (or any) text on one line, cut to `limit` characters: how a message that quotes a
+    library's error stays the one clear line bad input promises."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

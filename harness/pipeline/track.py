@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from harness.core.errors import BadInput, RunFailed
+from harness.core.errors import BadInput, RunFailed, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.pipeline.context import RunContext
@@ -54,7 +54,8 @@ def track(ctx: RunContext) -> RunContext:
             run_id = log_to_mlflow(ctx.card.record, [out / f for f in ARTIFACTS], uri, cfg.tracking.experiment, name, params)
         except Exception as e:
             kept = f"the results are in {ctx.out}; " if ctx.out is not None else ""
-            message = " ".join(str(e).split())[:300].replace(uri, where) if uri else " ".join(str(e).split())[:300]
+            # the URI is replaced before the text is cut: a cut through it could leave part of a password
+            message = one_line(str(e).replace(uri, where) if uri else e)
             raise RunFailed(f"{kept}logging them to MLflow at {where} failed: {type(e).__name__}: {message}") from None
     ctx.card.tracking = {"mlflow_run_id": run_id, "experiment": cfg.tracking.experiment, "tracking_uri": where}
     return ctx

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.core.errors import BadInput, RunFailed
+from harness.core.errors import BadInput, RunFailed, one_line
 
 __all__ = ["Endpoint", "EndpointModule", "load_endpoint", "MAX_BACKOFF"]
 
@@ -138,7 +138,7 @@ class EndpointModule(nn.Module):
                     raise BadInput("model.kwargs.auth", f"the endpoint refused the credentials (HTTP {e.code}) at {ep.url}") from None
                 if e.code != 429 and e.code < 500:
                     detail = self._redact(e.read(300).decode("utf-8", "replace").strip())
-                    raise BadInput("model.source", f"the endpoint answered HTTP {e.code} ({' '.join(detail.split())[:200]})") from None
+                    raise BadInput("model.source", f"the endpoint answered HTTP {e.code} ({one_line(detail, 200)})") from None
                 problem = f"HTTP {e.code}"
                 header = e.headers.get("Retry-After") if e.headers else None
                 retry_after = float(header) if header and header.replace(".", "", 1).isdigit() else None

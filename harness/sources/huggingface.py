@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from harness.core.errors import BadInput
+from harness.core.errors import BadInput, one_line
 
 __all__ = ["HuggingFaceClassifier", "load_huggingface"]
 
@@ -75,7 +75,7 @@ def load_huggingface(path: Path, num_classes: Optional[int], kwargs: dict) -> nn
                 str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False)
     except Exception as e:
         raise BadInput(str(path), f"transformers cannot load it as an image classifier ({type(e).__name__}: "
-                       f"{' '.join(str(e).split())[:200]})") from None
+                       f"{one_line(e, 200)})") from None
     labels_n = int(model.config.num_labels)
     if num_classes is not None and num_classes != labels_n:
         raise BadInput("model.num_classes", f"the model has {labels_n} labels, not {num_classes}")

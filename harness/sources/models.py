@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from harness.core.errors import BadInput
+from harness.core.errors import BadInput, one_line
 from harness.core.files import sha256_file
 from harness.core.registry import Registry
 
@@ -154,7 +154,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as e:
-            raise BadInput(str(path), f"corrupt safetensors file ({type(e).__name__}: {_one_line(e)})") from None
+            raise BadInput(str(path), f"corrupt safetensors file ({type(e).__name__}: {one_line(e)})") from None
     require_safe_torch_load(str(path))
     try:
         with warnings.catch_warnings():  # torch warns about unusual pickle protocols: the one error line says it all
@@ -166,7 +166,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             raise BadInput(str(path), "refused: the file needs arbitrary unpickling to load (save a state_dict or safetensors instead)") from None
         raise BadInput(str(path), "corrupt or unreadable weights file (not a torch.save archive or pickle of tensors)") from None
     except Exception as e:
-        raise BadInput(str(path), f"corrupt or unreadable weights file ({type(e).__name__}: {_one_line(e)})") from None
+        raise BadInput(str(path), f"corrupt or unreadable weights file ({type(e).__name__}: {one_line(e)})") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -175,17 +175,12 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _apply_weights(net: nn.Module, path: Path) -> None:
     state = load_weights(path)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        result = _one_line(e).removeprefix("Error(s) in loading state_dict for ")
+        result = one_line(e).removeprefix("Error(s) in loading state_dict for ")
         raise BadInput(str(path), f"weights do not fit the architecture: {result}") from None
 
 
@@ -210,14 +205,14 @@ def _python_factory(arg: str, num_classes: Optional[int], kwargs: dict, base: Pa
         try:
             module = importlib.import_module(module_name)
         except Exception as e:
-            raise BadInput("model.source", f"cannot import module {module_name!r} ({type(e).__name__}: {_one_line(e)})") from None
+            raise BadInput("model.source", f"cannot import module {module_name!r} ({type(e).__name__}: {one_line(e)})") from None
         factory = getattr(module, attr, None)
         if not callable(factory):
             raise BadInput("model.source", f"module {module_name!r} has no callable {attr!r}")
         try:
             net = factory(**kwargs)
         except Exception as e:
-            raise BadInput("model.source", f"factory {arg} failed ({type(e).__name__}: {_one_line(e)})") from None
+            raise BadInput("model.source", f"factory {arg} failed ({type(e).__name__}: {one_line(e)})") from None
     finally:
         for p in added:  # only what was added here: entries the module itself put there stay
             if p in sys.path:
@@ -254,14 +249,13 @@ def _timm(arg: str, num_classes: Optional[int], kwargs: dict, base: Path) -> nn.
     try:
         return timm.create_model(arg, pretrained=False, **extra, **kwargs)
     except TypeError as e:
-        raise BadInput("model.kwargs", f"timm model {arg!r} does not take these kwargs ({_one_line(e)})") from None
+        raise BadInput("model.kwargs", f"timm model {arg!r} does not take these kwargs ({one_line(e)})") from None
 
 
 def _own_preprocessing(scheme: str, net: nn.Module) -> tuple[Optional[list[float]], Optional[list[float]]]:
     """The normalization a source's model carries with it (a timm model's pretrained_cfg, a Hugging Face
     image processor's), or none."""
-    cfg = {"timm": lambda: getattr(net, "pretrained_cfg", None), "huggingface": lambda: getattr(net, "own_preprocessing", None)}.get(
-        scheme, lambda: None)()
+    cfg = {"timm": getattr(net, "pretrained_cfg", None), "huggingface": getattr(net, "own_preprocessing", None)}.get(scheme)
     if not isinstance(cfg, Mapping) or cfg.get("mean") is None or cfg.get("std") is None:
         return None, None
     return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
@@ -306,7 +300,7 @@ def _torchscript(arg: str, num_classes: Optional[int], kwargs: dict, base: Path)
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
-        raise BadInput(str(path), f"not a loadable TorchScript archive ({type(e).__name__}: {_one_line(e)})") from None
+        raise BadInput(str(path), f"not a loadable TorchScript archive ({type(e).__name__}: {one_line(e)})") from None
 
 
 _FORMS = {"python": "python:MODULE:FACTORY", "torchvision": "torchvision:NAME", "timm": "timm:NAME", "torchscript": "torchscript:PATH",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.core.errors import BadInput
+from harness.core.errors import BadInput, one_line
 
 __all__ = ["OnnxRuntimeModule", "load_onnx", "TOLERANCE", "black_box_reason"]
 
@@ -83,14 +83,14 @@ def _converted(path: Path, session: Any, shape: tuple[int, ...]) -> tuple[Option
     try:
         module = convert(onnx.load(str(path))).eval()
     except Exception as e:
-        return None, f"onnx2torch cannot convert the graph ({type(e).__name__}: {' '.join(str(e).split())[:160]})", None
+        return None, f"onnx2torch cannot convert the graph ({type(e).__name__}: {one_line(e, 160)})", None
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     reference = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     try:
         with torch.no_grad():
             ours = module(x).float().numpy()
     except Exception as e:
-        return None, f"the converted graph fails on a probe batch ({type(e).__name__}: {' '.join(str(e).split())[:160]})", None
+        return None, f"the converted graph fails on a probe batch ({type(e).__name__}: {one_line(e, 160)})", None
     if ours.shape != reference.shape:
         return None, f"the converted graph gives shape {ours.shape}, onnxruntime {reference.shape}", None
     diff = float(np.abs(ours - reference).max())
@@ -112,13 +112,13 @@ def load_onnx(path: Path, num_classes: Optional[int], kwargs: dict) -> nn.Module
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise BadInput(str(path), f"not a loadable ONNX model ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        raise BadInput(str(path), f"not a loadable ONNX model ({type(e).__name__}: {one_line(e, 200)})") from None
     shape = _probe_shape(session, kwargs)
     try:
         out = session.run(None, {session.get_inputs()[0].name: np.zeros(shape, dtype=np.float32)})[0]
     except Exception as e:
         raise BadInput(str(path), f"onnxruntime cannot run it on float32 images of shape {list(shape[1:])} "
-                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+                       f"({type(e).__name__}: {one_line(e, 200)})") from None
     if out.ndim != 2 or (num_classes is not None and out.shape[1] != num_classes):
         raise BadInput("model.num_classes" if out.ndim == 2 else str(path),
                        f"the graph outputs shape {list(out.shape)}; expected (batch, {num_classes or 'classes'})")
