@@ -1,6 +1,7 @@
-"""Privacy probes: does a model leak who was in its training data, and can its answers copy it?
+"""Privacy probes: does a model leak who was in its training data, can its answers copy it, and does
+its endpoint limit how fast anyone can ask?
 
-Two probes, frozen values holding their knobs like the attacks and the poisoning probes:
+Three probes, frozen values holding their knobs like the attacks and the poisoning probes:
 
 - `membership-inference`: the loss-threshold attack of Yeom et al. (2018) and LiRA, the likelihood
   ratio attack of Carlini et al. (2022, "Membership Inference Attacks From First Principles").
@@ -16,6 +17,10 @@ Two probes, frozen values holding their knobs like the attacks and the poisoning
   (`answer`: probabilities, labels, or probabilities rounded to K decimals), and trains a model on
   the answers (`train_thief`, soft-label cross-entropy). Output defenses (`OutputDefense`) change
   the answers: labels only, the top k probabilities, or rounding.
+- `rate-limit`: query-rate limiting, the API-side defense against model stealing: a bounded burst of
+  requests sent as fast as they are answered (or at `rate` per second), stopped at the first
+  throttle (HTTP 429 or 503) or refusal (the connection refused, reset or timed out), at `burst`
+  requests or after `within` seconds (`send_burst`). Only an HTTP endpoint model can be probed.
 
 The functions here are the algorithms on tensors; harness.evaluation.privacy runs them as units of
 a run (each shadow model, each query budget) and turns scores into metrics with intervals.
@@ -26,8 +31,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +45,7 @@ from .poisoning import _deterministic_cudnn, _net, _reinitialize, fit
 
 __all__ = ["PRIVACY", "MembershipInference", "Extraction", "OutputDefense", "keep_masks", "confidence", "observe",
            "train_shadow", "lira_scores", "balanced", "loss_scores", "query_set", "sample_patches", "answer", "soft_targets",
-           "train_thief", "predict", "derived_seed"]
+           "train_thief", "predict", "derived_seed", "RateLimit", "send_burst"]
 
 PRIVACY: Registry[type] = Registry("privacy probe")
 
@@ -427,3 +433,80 @@ def train_thief(make_model: Any, x: torch.Tensor, answers: torch.Tensor, plan: A
         p.requires_grad_(False)
     return model
 
+
+
+# --- query-rate limiting of an endpoint ---------------------------------------------------------
+
+MAX_BURST = 100_000
+MAX_WITHIN = 600.0
+DEFAULT_BURST = 1000
+
+
+@PRIVACY.register("rate-limit")
+@dataclass(frozen=True)
+class RateLimit:
+    """Query-rate limiting of an HTTP endpoint: when does it throttle a client that queries it fast (as a model thief must).
+
+    A burst of at most `burst` requests of
+    `images` images each (the first of the evaluated data), sent one after another as soon as each is
+    answered, or at `rate` requests per second, for at most `within` seconds; the model's own client
+    side `rate` and retries do not apply. Stopped at the first throttle or refusal.
+
+    `throttled_after:<id>` is the number of requests answered before it: a gate such as `max: 1000`
+    asks that the endpoint stop a client within 1000 requests. A burst that ends unthrottled only
+    shows the limit lies above what it sent: the metric is that count, with the interval [count, inf].
+    `burst` left out is one more than the largest `max` of a gate on this probe (so an endpoint that
+    never throttles fails it), else DEFAULT_BURST (harness.config.schema.rate_limit_burst).
+    """
+
+    burst: Optional[int] = None
+    images: int = 1
+    within: float = 60.0
+    rate: Optional[float] = None
+
+    kind: ClassVar[str] = "privacy"
+    name: ClassVar[str] = "rate-limit"
+
+    def __post_init__(self) -> None:
+        if self.burst is not None and (not isinstance(self.burst, int) or not 1 <= self.burst <= MAX_BURST):
+            raise ValueError(f"burst must be 1 to {MAX_BURST} requests, got {self.burst!r}")
+        if not isinstance(self.images, int) or not 1 <= self.images <= 1024:
+            raise ValueError(f"images must be 1 to 1024 per request, got {self.images!r}")
+        if not isinstance(self.within, (int, float)) or not 0 < self.within <= MAX_WITHIN:
+            raise ValueError(f"within must be more than 0 and at most {MAX_WITHIN:g} seconds, got {self.within!r}")
+        if self.rate is not None and (not isinstance(self.rate, (int, float)) or self.rate <= 0):
+            raise ValueError(f"rate must be a positive number of requests per second, got {self.rate!r}")
+
+
+def send_burst(send: Callable[[], dict[str, Any]], probe: RateLimit, burst: int, clock: Callable[[], float] = time.monotonic,
+               sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Requests through `send()` (one request, no retry: {"outcome": "answered" | "throttled" |
+    "refused", "status", "retry_after", "detail"}) until the first that is not answered, `burst` of
+    them, or `probe.within` seconds. Returns what happened: requests sent and answered, why it
+    stopped ("throttled", "refused", "burst", "time"), the first throttle (request number, status,
+    Retry-After, seconds into the burst) and the answered requests per second."""
+    start = clock()
+    sent = answered = 0
+    first: Optional[dict[str, Any]] = None
+    stopped = "burst"
+    gap = None if probe.rate is None else 1.0 / probe.rate
+    while sent < burst:
+        now = clock() - start
+        if now >= probe.within:
+            stopped = "time"
+            break
+        if gap is not None and sent * gap > now:  # the burst's own pace: request k leaves at k / rate
+            sleep(min(sent * gap - now, probe.within - now))
+            continue
+        result = send()
+        sent += 1
+        if result.get("outcome") != "answered":
+            stopped = "throttled" if result.get("outcome") == "throttled" else "refused"
+            first = {"request": sent, "status": result.get("status"), "retry_after": result.get("retry_after"),
+                     "detail": result.get("detail"), "seconds": round(clock() - start, 4)}
+            break
+        answered += 1
+    seconds = clock() - start
+    return {"requests_sent": sent, "answered": answered, "stopped": stopped, "throttled": first is not None,
+            "first_throttle": first, "seconds": round(seconds, 4),
+            "answered_per_second": round(answered / seconds, 3) if seconds > 0 else None}

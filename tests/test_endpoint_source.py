@@ -122,3 +122,30 @@ def test_bad_endpoint_knobs_name_the_key(kwargs, where, words):
     with pytest.raises(BadInput) as e:
         load_model("http://127.0.0.1:9/predict", kwargs=kwargs)
     assert e.value.where == where and words in str(e.value)
+
+
+def test_a_thief_steals_from_the_endpoint_exactly_as_from_the_local_model(digits_model, tmp_path, cli):
+    """Extraction against an endpoint: the victim's answers come over HTTP, bit for bit the local model's,
+    so the thief (its own model source: a black box cannot be re-initialised) learns the same copy."""
+    probe = {"name": "extraction", "budgets": [150], "queries": "uniform-noise", "thief": "builtin:digits-cnn", "min_steps": 150,
+             "defenses": ["labels-only"]}
+
+    def config(source: str) -> Path:
+        path = _suite(tmp_path, source, attacks=[], limit=40)
+        cfg = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**cfg, "probes": [probe]}))
+        return path
+
+    local = harness.run(str(config("builtin:digits-cnn")), show_progress=False)
+    with serve(digits_model) as served:
+        remote = harness.run(str(config(served.url)), out=tmp_path / "out", show_progress=False)
+        no_thief = config(served.url)
+        cfg = yaml.safe_load(no_thief.read_text())
+        cfg["probes"][0].pop("thief")
+        no_thief.write_text(yaml.safe_dump(cfg))
+        refused = cli("validate", str(no_thief))
+    assert remote.metrics == local.metrics and 0.2 < remote.metrics["fidelity:extraction@150"] <= 1.0
+    assert served.images >= 150 + 40  # the thief's queries and the victim's answers on the test points went over the wire
+    (rec,) = json.loads((tmp_path / "out" / "scorecard.json").read_text())["probes"]
+    assert rec["thief"] == "builtin:digits-cnn" and rec["victim_queries"] == 150
+    assert refused.exit_code == 2 and "probes[0].thief" in refused.output and "give a thief" in refused.output

@@ -116,9 +116,12 @@ def privacy_metric_ids(subject: str, probe: Any) -> list[str]:
     """What a privacy probe produces (harness.evaluation.privacy). Membership inference: TPR at each
     FPR level (absent from a run whose trials cannot resolve the level), AUROC, advantage. Extraction,
     per query budget: fidelity and stolen accuracy, and per output defense the same, the fidelity drop
-    and (once) the clean-accuracy cost of serving its answers."""
+    and (once) the clean-accuracy cost of serving its answers. Rate limiting: the requests answered
+    before the endpoint throttled."""
     if probe.name == "membership-inference":
         return [metric_id("tpr_at_fpr", subject, f"{f:g}") for f in probe.fprs] + [metric_id("auc", subject), metric_id("advantage", subject)]
+    if probe.name == "rate-limit":
+        return [metric_id("throttled_after", subject)]
     ids: list[str] = []
     defenses = [d.label for d in probe.output_defenses()]
     for b in probe.budgets:

@@ -6,6 +6,7 @@ where there is a closed set, the choices that would have been valid.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -409,6 +410,24 @@ class Config(Strict):
         for i, gate in enumerate(self.gates):
             if gate.metric not in valid:
                 raise ValueError(f"gates[{i}].metric: unknown metric {gate.metric!r} (valid: {', '.join(valid)})")
+        endpoint = self.model.source.startswith(("http://", "https://"))
+        for i, p in enumerate(self.probes):
+            if p.name != "rate-limit":
+                continue
+            if not endpoint:
+                raise ValueError(f"probes[{i}]: rate-limit probes an HTTP endpoint's throttling, but model.source "
+                                 f"{self.model.source!r} is not an endpoint (http://... or https://...)")
+            explicit, most = p.build().burst, rate_limit_gate_max(self, p.probe_id)
+            if explicit is not None and most is not None and explicit <= most:
+                raise ValueError(f"probes[{i}].burst: a burst of {explicit} requests cannot show an endpoint that never throttles "
+                                 f"is above the gate's max {most:g}: send at least {int(most) + 1} (or leave burst out)")
+        if endpoint:  # no gradients and no torch modules: said now, before anything loads
+            from harness.sources.endpoint import EndpointModule
+
+            try:
+                refuse_white_box(self, EndpointModule.black_box_reason)
+            except BadInput as e:
+                raise ValueError(f"{e.where}: {e.problem}") from None
         return self
 
     def metric_ids(self) -> list[str]:
@@ -416,6 +435,58 @@ class Config(Strict):
         from harness.config.metric_ids import suite_metric_ids
 
         return suite_metric_ids(self)
+
+
+def rate_limit_gate_max(cfg: "Config", probe_id: str) -> Optional[float]:
+    """The largest `max` of the gates on `throttled_after:<probe_id>`, or None."""
+    from harness.core.ids import metric_id
+
+    maxes = [g.max for g in cfg.gates if g.metric == metric_id("throttled_after", probe_id) and g.max is not None]
+    return max(maxes) if maxes else None
+
+
+def rate_limit_burst(cfg: "Config", entry: ProbeConfig) -> int:
+    """The requests a rate-limit entry sends at most: its `burst`, else one more than the largest gate
+    max on its metric (an endpoint that never throttles then fails the gate), else DEFAULT_BURST."""
+    from harness.attacks.privacy import DEFAULT_BURST, MAX_BURST
+
+    probe = entry.build()
+    if probe.burst is not None:
+        return int(probe.burst)
+    most = rate_limit_gate_max(cfg, entry.probe_id)
+    return DEFAULT_BURST if most is None else min(MAX_BURST, max(1, math.floor(most) + 1))
+
+
+def refuse_white_box(cfg: "Config", reason: Optional[str]) -> None:
+    """A model without gradients (an ONNX graph that did not convert, an HTTP endpoint: `reason` says
+    why) runs only what needs none: black-box attacks, corruptions, the rate-limit probe, and model
+    extraction with a `thief` of its own. Anything else is bad input, said before any work."""
+    from harness.attacks import ATTACKS
+    from harness.attacks.base import access_of
+
+    if reason is None:
+        return
+    runs = sorted(n for n, a in ATTACKS.items() if access_of(a) != "white-box") + ["corruptions"]
+    why = f"{cfg.model.source} runs as a black box ({reason})"
+    for i, a in enumerate(cfg.attacks):
+        if not isinstance(a, CorruptionConfig) and access_of(a.build()) == "white-box":
+            raise BadInput(f"attacks[{i}]", f"{a.attack_id} needs gradients, but {why}; attacks that can run: {', '.join(runs)}")
+    for i, p in enumerate(cfg.probes):
+        if p.name == "rate-limit":
+            continue
+        if p.name == "extraction":
+            if p.build().thief is None:
+                raise BadInput(f"probes[{i}].thief", f"extraction trains a fresh copy of the model's architecture unless `thief` "
+                               f"names a model source for it, but {why}: give a thief (e.g. builtin)")
+            continue
+        raise BadInput(f"probes[{i}]", f"{p.name} needs the model's torch modules, but {why}; probes that can run: "
+                       "rate-limit (an endpoint), extraction with a thief")
+    if cfg.defenses:
+        raise BadInput("defenses[0]", f"defenses need the model's torch modules, but {why}")
+    for i, c in enumerate(cfg.certificates):  # smoothing only queries, but its soundness check attacks with gradients
+        what = "interval bounds follow the network's layers" if c.name == "interval-bounds" else \
+            "randomized smoothing's soundness check attacks the smoothed classifier with gradients"
+        raise BadInput(f"certificates[{i}]", f"{what}, but {why}")
 
 
 def _loc(loc: tuple) -> str:

@@ -119,14 +119,15 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def train_plan(cfg: Any, epochs: Optional[int] = None) -> TrainConfig:
-    """The config's `train:` section over its builtin model's recipe, with `epochs` overriding both."""
+def train_plan(cfg: Any, epochs: Optional[int] = None, source: Optional[str] = None) -> TrainConfig:
+    """The config's `train:` section over the builtin recipe of its model (or of `source`, a model that
+    trains in its place, such as an extraction probe's thief), with `epochs` overriding both."""
     from pydantic import ValidationError
 
     from harness.core.errors import BadInput
 
     given = cfg.train.model_dump(exclude_unset=True) if cfg.train is not None else {}
-    merged = _merge(builtin_recipe(cfg.model.source), given)
+    merged = _merge(builtin_recipe(source or cfg.model.source), given)
     if epochs is not None:
         merged["epochs"] = epochs
     try:

@@ -16,6 +16,8 @@ proportion, Wilson's interval over it; the AUROC's score interval over distinct 
 threshold chosen on calibration trials adds its own spread (a bootstrap of the calibration
 examples), so the interval of TPR at 1% FPR covers the threshold's luck as well as the count's.
 
+Rate limiting (`rate-limit`): one unit, `probe|<i>|<id>`, a burst at the endpoint (rate_limit_record).
+
 Extraction (`extraction`): each query budget is a unit, `probe|<i>|<id>|<budget>`: a thief trained
 on the undefended answers and one per output defense, with the same initialisation and batch
 order, so the answers are the only difference; fidelity (agreement with the victim's labels) and
@@ -353,7 +355,7 @@ def budget_record(cfg: Any, i: int, budget: int, victim: Any, make_thief: Callab
     probs = predict(victim, queries, device)
     victim_test = predict(victim, x_test, device)
     victim_labels = victim_test.argmax(1)
-    plan = train_plan(cfg).settings()
+    plan = train_plan(cfg, source=probe.thief).settings()  # a thief of its own trains by its own recipe
     seed = derived_seed(cfg.seed, "thief", pid, budget)
 
     def thief_on(answers: torch.Tensor) -> torch.Tensor:
@@ -426,7 +428,9 @@ def _extraction(cfg: Any, i: int, model: Any, test: Any, train_loader: Callable[
     recs: dict[int, dict] = {b: done[u] for b, u in units.items() if u in done}
     pending = [b for b in probe.budgets if b not in recs]
     train = train_loader() if pending and probe.queries == "holdout" else None
-    if pending and hasattr(engine, "map"):
+    # a black-box victim (an endpoint) is queried from here: its client, credentials and query budget
+    # stay in this process; the thieves train here too
+    if pending and hasattr(engine, "map") and getattr(model, "black_box", None) is None:
         model_ref, test_ref = engine.share_model(model), engine.share_data(test)
         train_ref = None if train is None else engine.share_data(train)
 
@@ -443,6 +447,41 @@ def _extraction(cfg: Any, i: int, model: Any, test: Any, train_loader: Callable[
     return [recs[b] for b in probe.budgets]
 
 
+# --- rate limiting of an endpoint ----------------------------------------------------------------
+
+COUNT_WHY = ("a count observed in one burst: when an endpoint throttles is its policy, not a sample drawn from a population; "
+             "judged as observed")
+BOUND_WHY = ("not throttled: the burst ended ({stopped}) after {answered} answered requests, so the endpoint's limit, if any, "
+             "lies above that; the interval is [{answered}, inf]")
+
+
+def rate_limit_record(cfg: Any, i: int, model: Any, test: Any) -> dict[str, Any]:
+    """A burst of requests at the endpoint behind `model` (harness.attacks.privacy.send_burst), each of
+    the first `images` evaluated images, normalized as the model's own predictions are."""
+    from harness.attacks.privacy import send_burst
+    from harness.config.schema import rate_limit_burst
+
+    entry = cfg.probes[i]
+    probe, pid = entry.build(), entry.probe_id
+    endpoint = next((m for m in model.modules() if hasattr(m, "try_once")), None)
+    if endpoint is None:  # the config check names model.source; a caller's own model object lands here
+        raise BadInput(f"probes[{i}]", "rate-limit probes an HTTP endpoint's throttling, but the model is not an endpoint")
+    x = whole(test)[: probe.images].to("cpu", torch.float32)
+    x = model.normalize(x) if hasattr(model, "normalize") else x
+    burst = rate_limit_burst(cfg, entry)
+    before = int(endpoint.meter.requests)  # this run's own earlier requests, which a limiter may count in the same window
+    res = send_burst(lambda: endpoint.try_once(x), probe, burst)
+    metric = metric_id("throttled_after", pid)
+    if res["throttled"]:
+        interval: dict[str, Any] = {"ci95": None, "method": "point", "why": COUNT_WHY}
+    else:
+        interval = {"ci95": [float(res["answered"]), math.inf], "method": "lower-bound",
+                    "why": BOUND_WHY.format(stopped=res["stopped"], answered=res["answered"])}
+    return {"id": pid, "name": entry.name, "kind": "rate-limit", "burst": burst,
+            "images_per_request": len(x), "within": probe.within, "rate": probe.rate, "requests_before": before, **res,
+            "metrics": {metric: res["answered"]}, "metric_intervals": {metric: interval}}
+
+
 def evaluate_privacy(cfg: Any, i: int, model: Any, test: Any, train_loader: Callable[[], Any], make_model: Callable[[bool], Any],
                      device: Any, out: Optional[Path], done: dict[str, dict], emit: Callable[[str, dict], None],
                      engine: Any = None, base: Path = Path(".")) -> list[dict[str, Any]]:
@@ -450,6 +489,13 @@ def evaluate_privacy(cfg: Any, i: int, model: Any, test: Any, train_loader: Call
     extraction), each unit reused from `done` or run and saved through `emit` as it finishes."""
     entry = cfg.probes[i]
     num_classes = int(max(int(test.y.max()), 0) + 1)
+    if entry.name == "rate-limit":
+        unit = f"probe|{i}|{entry.probe_id}"
+        if unit in done:
+            return [done[unit]]
+        rec = rate_limit_record(cfg, i, model, test)
+        emit(unit, rec)
+        return [rec]
     if entry.name == "extraction":
         return _extraction(cfg, i, model, test, train_loader, make_model, device, done, emit, engine, num_classes, base)
     unit = f"probe|{i}|{entry.probe_id}"

@@ -52,27 +52,11 @@ def configured_model(ctx: RunContext, weights: Optional[str]) -> BoundedModel:
 
 
 def refuse_white_box(cfg: Config, model: BoundedModel) -> None:
-    """A model without gradients (an ONNX graph that did not convert) runs only what needs none: every
-    entry that needs gradients or the model's torch modules is bad input, said before any work."""
-    from harness.attacks import ATTACKS
-    from harness.attacks.base import access_of
-    from harness.config import CorruptionConfig
+    """A model without gradients (an ONNX graph that did not convert, an endpoint) runs only what needs
+    none (harness.config.schema.refuse_white_box says what): anything else is bad input, said before any work."""
+    from harness.config.schema import refuse_white_box as refuse
 
-    reason = model.black_box
-    if reason is None:
-        return
-    runs = sorted(n for n, a in ATTACKS.items() if access_of(a) != "white-box") + ["corruptions"]
-    why = f"{cfg.model.source} runs as a black box ({reason})"
-    for i, a in enumerate(cfg.attacks):
-        if not isinstance(a, CorruptionConfig) and access_of(a.build()) == "white-box":
-            raise BadInput(f"attacks[{i}]", f"{a.attack_id} needs gradients, but {why}; attacks that can run: {', '.join(runs)}")
-    for section in ("probes", "defenses"):
-        if getattr(cfg, section):
-            raise BadInput(f"{section}[0]", f"{section} need the model's torch modules, but {why}")
-    for i, c in enumerate(cfg.certificates):  # smoothing only queries, but its soundness check attacks with gradients
-        what = "interval bounds follow the network's layers" if c.name == "interval-bounds" else \
-            "randomized smoothing's soundness check attacks the smoothed classifier with gradients"
-        raise BadInput(f"certificates[{i}]", f"{what}, but {why}")
+    refuse(cfg, model.black_box)
 
 
 def load(ctx: RunContext) -> RunContext:

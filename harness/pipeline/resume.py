@@ -85,8 +85,10 @@ def _encode(r) -> dict[str, Any]:
 
 def save_state(path: Path, print_: str, n: int, results: Sequence[Any], probes: Optional[dict[str, dict]] = None) -> None:
     """Every finished attack unit (`results`) and probe unit (`probes`: unit -> its plain record)."""
+    from harness.records.scorecard import encode_infinities
+
     record = {"schema_version": _SCHEMA, "fingerprint": print_, "n": n, "results": [_encode(r) for r in results],
-              "probes": probes or {}}
+              "probes": encode_infinities(probes or {})}  # an unthrottled burst's interval ends at inf
     write_text_atomic(path, json.dumps(record, allow_nan=False))
 
 
@@ -121,6 +123,9 @@ def load_state(path: Path, print_: str, n: int, attacks: Sequence[Any]) -> tuple
         probes = record.get("probes", {})
         if not isinstance(probes, dict):
             raise ValueError("probes must be an object")
+        from harness.records.scorecard import decode_infinities
+
+        probes = decode_infinities(probes)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         return {}, {}, f"the saved work in {path} cannot be read ({type(e).__name__}: {e}): the run starts over"
     units = sum(len(v) for v in done.values()) + len(probes)

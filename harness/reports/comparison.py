@@ -27,9 +27,11 @@ CardLike = Union[Scorecard, str, Path]
 # +1: higher is better, -1: lower is better; families not listed are shown without a colour.
 # Privacy: what a membership-inference attack or a model thief achieves is lower-better; a defense's fidelity drop higher-better.
 # Certificates: certified accuracy higher-better; a smoothed classifier that abstains more answers less.
+# An endpoint that throttles a fast client after fewer requests gives a thief less: lower-better.
 DIRECTION = {"clean_accuracy": 1, "robust_accuracy": 1, "attack_success_rate": -1, "median_perturbation": 1,
              "tpr_at_fpr": -1, "auc": -1, "advantage": -1, "fidelity": -1, "stolen_accuracy": -1,
-             "fidelity_drop": 1, "clean_accuracy_cost": -1, "certified_accuracy": 1, "abstain_rate": -1}
+             "fidelity_drop": 1, "clean_accuracy_cost": -1, "certified_accuracy": 1, "abstain_rate": -1,
+             "throttled_after": -1}
 _TINY = 1e-12  # a change below this is float noise, not a change
 
 

@@ -262,10 +262,36 @@ def _extraction(pid: str, recs: list[dict[str, Any]], intervals: dict[str, Any])
             "thief": first.get("thief"), "n_test": first.get("n_test"), "defenses": defenses, "charts": charts, "rows": rows}
 
 
+STOPPED = {"throttled": "throttled", "refused": "refused", "burst": "the whole burst was answered",
+           "time": "the time limit (within) ran out"}
+
+
+def _rate_limit(p: dict[str, Any], intervals: dict[str, Any]) -> dict[str, Any]:
+    """One rate-limit probe: what the burst sent, where it was stopped and how."""
+    first = p.get("first_throttle") or {}
+    metric = f"throttled_after:{p.get('id')}"
+    how = None
+    if first:
+        how = f"HTTP {first['status']}" if first.get("status") is not None else (first.get("detail") or "refused")
+        if first.get("retry_after") is not None:
+            how += f", Retry-After {first['retry_after']}"
+    return {"id": p.get("id"), "name": p.get("name"), "metric": metric, "value": (p.get("metrics") or {}).get(metric),
+            "ci": _probe_ci(p, metric, intervals), "throttled": bool(p.get("throttled")),
+            "stopped": STOPPED.get(str(p.get("stopped")), p.get("stopped")), "how": how, "at_request": first.get("request"),
+            "at_seconds": first.get("seconds"),
+            "settings": [("burst (requests at most)", p.get("burst")), ("images per request", p.get("images_per_request")),
+                         ("within (seconds at most)", p.get("within")), ("pace", "as fast as answered" if p.get("rate") is None
+                                                                          else f"{p.get('rate')} requests per second"),
+                         ("this run's requests before the burst", p.get("requests_before")),
+                         ("requests sent", p.get("requests_sent")), ("answered", p.get("answered")),
+                         ("seconds", p.get("seconds")), ("answered per second", p.get("answered_per_second"))]}
+
+
 def privacy_section(record: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """Membership inference (per probe: its rates with 95% intervals and a log-log ROC) and model extraction
-    (per probe: fidelity and stolen accuracy against the query budget, undefended and per output defense)."""
-    records = [p for p in record.get("probes") or [] if isinstance(p, dict) and p.get("kind") in ("membership", "extraction")]
+    """Membership inference (per probe: its rates with 95% intervals and a log-log ROC), model extraction
+    (per probe: fidelity and stolen accuracy against the query budget, undefended and per output defense)
+    and an endpoint's rate limiting (per probe: the burst and where it was throttled)."""
+    records = [p for p in record.get("probes") or [] if isinstance(p, dict) and p.get("kind") in ("membership", "extraction", "rate-limit")]
     if not records:
         return None
     intervals = record.get("intervals") or {}
@@ -274,4 +300,5 @@ def privacy_section(record: dict[str, Any]) -> Optional[dict[str, Any]]:
         if p["kind"] == "extraction":
             extraction.setdefault(str(p.get("id")), []).append(p)
     return {"membership": [_membership(p, intervals) for p in records if p["kind"] == "membership"],
-            "extraction": [_extraction(pid, recs, intervals) for pid, recs in extraction.items()]}
+            "extraction": [_extraction(pid, recs, intervals) for pid, recs in extraction.items()],
+            "rate_limit": [_rate_limit(p, intervals) for p in records if p["kind"] == "rate-limit"]}

@@ -34,10 +34,11 @@ from torch import nn
 
 from harness.core.errors import BadInput, RunFailed, one_line
 
-__all__ = ["Endpoint", "EndpointModule", "load_endpoint", "MAX_BACKOFF"]
+__all__ = ["Endpoint", "EndpointModule", "load_endpoint", "MAX_BACKOFF", "THROTTLE_STATUSES"]
 
 MAX_BACKOFF = 60.0
 FORMATS = ("list", "base64")
+THROTTLE_STATUSES = (429, 503)  # Too Many Requests; Service Unavailable, as rate limiters also answer
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,40 @@ class EndpointModule(nn.Module):
             time.sleep(min(MAX_BACKOFF, retry_after if retry_after is not None else delay))
             delay *= 2
         raise AssertionError("unreachable")
+
+    def try_once(self, x: torch.Tensor) -> dict[str, Any]:
+        """One request of images `x`, sent at once: no retry and no client-side pace (the `rate-limit`
+        probe measures the server's limits, not this client's). Counts against `max_queries`. Returns
+        {"outcome": "answered" | "throttled" | "refused", "status": HTTP status or None, "retry_after":
+        the server's Retry-After or None, "detail": what went wrong, secrets replaced}. HTTP 429 and 503
+        are throttling; a connection refused, reset or timed out is a refusal; wrong credentials are
+        bad input, as for a prediction; any other answer fails the run."""
+        ep = self.endpoint
+        x = x.detach().to("cpu", torch.float32)
+        with self.meter.lock:
+            if ep.max_queries is not None and self.meter.queries + len(x) > ep.max_queries:
+                raise RunFailed(f"the endpoint's query budget (model.kwargs.max_queries: {ep.max_queries} images) would be exceeded "
+                                f"after {self.meter.queries} images; raise it or send a smaller burst")
+            self.meter.queries += len(x)
+            self.meter.requests += 1
+        request = urllib.request.Request(ep.url, data=self._body(x), method="POST",
+                                         headers={"Content-Type": "application/json", "Accept": "application/json", **self._headers})
+        try:
+            with urllib.request.urlopen(request, timeout=ep.timeout) as response:
+                self._scores(response.read(), len(x))
+                return {"outcome": "answered", "status": int(response.status), "retry_after": None, "detail": None}
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise BadInput("model.kwargs.auth", f"the endpoint refused the credentials (HTTP {e.code}) at {ep.url}") from None
+            if e.code in THROTTLE_STATUSES:
+                header = e.headers.get("Retry-After") if e.headers else None
+                return {"outcome": "throttled", "status": e.code, "retry_after": None if header is None else one_line(self._redact(header), 60),
+                        "detail": f"HTTP {e.code}"}
+            detail = self._redact(e.read(300).decode("utf-8", "replace").strip())
+            raise RunFailed(f"the endpoint answered HTTP {e.code} during the burst ({one_line(detail, 200)})") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            return {"outcome": "refused", "status": None, "retry_after": None,
+                    "detail": one_line(self._redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}"), 200)}
 
     def _scores(self, raw: bytes, n: int) -> np.ndarray:
         try:

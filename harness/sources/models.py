@@ -59,12 +59,16 @@ class BoundedModel(nn.Module):
     def train(self, mode: bool = True) -> "BoundedModel":
         return super().train(False)  # evaluation never runs a model in training mode
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """What the network is given for [0, 1] images x."""
         if self.mean is not None:
-            x = x - self.mean
+            x = x - self.mean.to(x.device)
         if self.std is not None:
-            x = x / self.std
-        out = self.net(x)
+            x = x / self.std.to(x.device)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(self.normalize(x))
         if self.outputs_probabilities:
             out = torch.log(out.clamp_min(1e-30))
         return out

@@ -76,10 +76,15 @@ def _bound(g: GateConfig, value: float, n: Optional[int], interval: Optional[tup
     on = f"on {n} samples" if n and method == "wilson" else f"({method})"
     if verdict == "pass":
         reason = ""
+    elif verdict == "fail" and method == "lower-bound":
+        reason = f"at least {lo:g} (a lower bound: the value lies in [{lo:g}, {hi:g}]), {side} {t}"
     elif verdict == "fail":
         reason = f"{value:.4f} is {side} {t} by {gap:.4f}"
         if interval is not None:
             reason += f" ({_ci(lo, hi)} {on})"
+    elif method == "lower-bound":  # an unthrottled burst: the count shows only where the value starts
+        reason = (f"{value:g} is only a lower bound (the value lies in [{lo:g}, {hi:g}]): it cannot be told apart from "
+                  f"the {'minimum' if is_min else 'maximum'} {t}; a larger measurement (a longer burst) would decide")
     else:
         reason = (f"the {'minimum' if is_min else 'maximum'} {t} lies inside the {_ci(lo, hi)} of {value:.4f} "
                   f"{on}: too few samples to tell")

@@ -82,10 +82,17 @@ def _fraction(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
+def _end(v: Any) -> Optional[float]:
+    """One end of an interval: a number, or "inf"/"-inf" as a scorecard file writes an infinite end."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+        return float(v)
+    return float(v) if v in ("inf", "-inf") else None
+
+
 def _ci95(entry: dict[str, Any]) -> Optional[list[float]]:
     ci = entry.get("ci95")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) and not math.isnan(v) for v in ci):
-        return [float(ci[0]), float(ci[1])]
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_end(v) is not None for v in ci):
+        return [_end(ci[0]), _end(ci[1])]  # type: ignore[list-item]
     return None
 
 
