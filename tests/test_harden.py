@@ -22,6 +22,8 @@ from harness.config import TrainConfig, defense_knobs
 from harness.core.errors import BadInput, RunFailed
 from harness.core.files import sha256_file
 
+from .numerics import same_count
+
 REPO = Path(__file__).resolve().parents[1]
 RECORD_KEYS = {"epoch", "loss", "clean_accuracy", "robust_accuracy", "seconds", "lr"}
 # a small slice of the digits train split; the standard builtin model as the starting point
@@ -302,9 +304,10 @@ def test_pgd_at_makes_the_builtin_digits_model_robust(tmp_path):
     print(f"\nbefore: clean {before['clean_accuracy']:.4f} robust {before[key]:.4f}; "
           f"after {len(_log(weights)['epochs']) - 1} epochs in {seconds:.0f}s: clean {after['clean_accuracy']:.4f} robust {after[key]:.4f}")
     # the README's table: the standard model 0.982 clean, 0.02 robust (11 of 450 under the tests' pinned
-    # kernels, tests/numerics.py; the builtin weights are trained with the recipe's thread count); after
+    # kernels, tests/numerics.py, on an Intel Xeon and an AMD EPYC alike; the builtin weights are trained
+    # with the recipe's thread count); after
     # PGD-AT 0.978 and 0.60. Tolerance three standard errors on 450 digits: 0.021 at 0.978, 0.07 at 0.60.
-    assert before["clean_accuracy"] == pytest.approx(442 / 450) and before[key] == pytest.approx(11 / 450)
+    assert before["clean_accuracy"] == pytest.approx(442 / 450) and same_count(round(before[key] * 450), 11)
     assert after["clean_accuracy"] == pytest.approx(0.978, abs=0.021) and after[key] == pytest.approx(0.60, abs=0.07)
 
 

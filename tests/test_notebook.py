@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from .numerics import same_count
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "quickstart.ipynb"
 KERNEL = "harness-tests"
 BAR = re.compile(r"evaluating:\s+\d+%\|")  # how tqdm draws the runner's bar (the clean pass and the attacks)
@@ -111,9 +113,11 @@ def test_quickstart_runs_in_a_jupyter_kernel(kernel, digits_model):
         assert re.search(rf"{re.escape(metric)}.*?{value}", card, re.S), (metric, value)
     assert "<svg" in card
 
-    # larger budgets on 200 digits: PGD-20 leaves 32 robust at 0.15 (0.16; under tests/numerics.py), below the gate's 0.5
+    # larger budgets on 200 digits: PGD-20 leaves 31 robust at 0.15 (0.155; under tests/numerics.py, on the machine
+    # the exact figures were made with: 32 on an AMD EPYC), below the gate's 0.5
     larger = _html(_outputs(nb, "harness.run(config)"))
-    assert re.search(r"\bFAIL\b", larger) and re.search(r"robust_accuracy:worst-linf@0.15.*?0\.1600", larger, re.S)
+    shown = re.search(r"robust_accuracy:worst-linf@0.15.*?(0\.\d{4})", larger, re.S)
+    assert re.search(r"\bFAIL\b", larger) and shown and same_count(round(float(shown.group(1)) * 200), 31), shown and shown.group(1)
     assert "<svg" in larger
 
     # the 3-epoch model fails the clean gate (0.9289 of 450, 0.0533 below the reference's 0.9822)
