@@ -255,15 +255,16 @@ def test_cw_against_art(digits_64, wrapped_digits):
     from art.estimators.classification import PyTorchClassifier
 
     x, y = digits_64
-    ours = _median_l2(wrapped_digits, DIGITS_CW(wrapped_digits, x, y, UNBOUNDED["l2"]), x, y)
+    cw = DIGITS_CW_FAST  # both with 5 rounds from c = 0.01 (9 from 0.001 took ART 100 s here, for the same verdict)
+    ours = _median_l2(wrapped_digits, cw(wrapped_digits, x, y, UNBOUNDED["l2"]), x, y)
     clf = PyTorchClassifier(wrapped_digits, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 8, 8), nb_classes=10,
                             clip_values=(0.0, 1.0))
-    attack = CarliniL2Method(clf, binary_search_steps=DIGITS_CW.binary_search_steps, max_iter=DIGITS_CW.steps,
-                             learning_rate=DIGITS_CW.stepsize, initial_const=DIGITS_CW.initial_const, batch_size=64,
-                             verbose=False)
+    attack = CarliniL2Method(clf, binary_search_steps=cw.binary_search_steps, max_iter=cw.steps,
+                             learning_rate=cw.stepsize, initial_const=cw.initial_const, batch_size=64, verbose=False)
     theirs = _median_l2(wrapped_digits, torch.from_numpy(attack.generate(x.numpy(), y=y.numpy())), x, y)
     print(f"CW median L2 / success: ours {ours}, ART {theirs}")
-    # measured 0.5455 / 1.0 against 0.7260 / 0.9375 (ART: gradient steps with a line search, not Adam)
+    # measured 0.5482 / 1.0 against 0.7257 / 0.8281 (ART: gradient steps with a line search, not Adam); with
+    # 9 rounds from 0.001, 0.5455 / 1.0 against 0.7260 / 0.9375
     assert ours[1] >= theirs[1]
     assert ours[0] <= 1.05 * theirs[0]
 
