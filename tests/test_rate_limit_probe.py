@@ -114,9 +114,16 @@ def test_the_burst_left_out_is_one_past_the_gate_so_an_unthrottled_endpoint_can_
     assert rate_limit_burst(cfg, cfg.probes[0]) == 1000
 
 
-def test_an_endpoint_that_throttles_is_measured_and_passes_its_gate(digits_model, tmp_path):
-    with serve(digits_model, limit=(30, 600.0)) as served:
-        card = harness.run(str(_config(tmp_path, served.url, {}, GATE)), out=tmp_path / "out", show_progress=False)
+def test_an_endpoint_that_throttles_is_measured_and_passes_its_gate(digits_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("RATE_TOKEN", "burst-secret-789")
+    with serve(digits_model, token="burst-secret-789", limit=(30, 600.0)) as served:
+        path = _config(tmp_path, served.url, {}, GATE)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["model"]["kwargs"] = {"auth": {"env": "RATE_TOKEN"}}
+        path.write_text(yaml.safe_dump(cfg))
+        card = harness.run(str(path), out=tmp_path / "out", show_progress=False)
+    saved = "".join(p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert "burst-secret-789" not in saved
     rec = json.loads((tmp_path / "out" / "scorecard.json").read_text())
     (probe,) = rec["probes"]
     # the server answered 30 requests in its window, this run's own predictions among them, then said 429
