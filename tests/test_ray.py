@@ -302,3 +302,78 @@ def test_privacy_shadow_models_and_query_budgets_run_on_the_workers_with_the_loc
     # trained models, not empty ones (chance is 0.1 on digits)
     assert remote.record["probes"][0]["shadow_accuracy"]["members"] > 0.25
     assert all(r["stolen_accuracy"] > 0.5 and r["victim_accuracy"] > 0.9 for r in remote.record["probes"][1:])
+
+
+ENDPOINT_SUITE = {
+    "name": "ray-endpoint", "device": "cpu", "seed": 0,
+    "data": {"source": "builtin:digits", "split": "test", "limit": 60},
+    "attacks": [{"name": "square", "norm": "linf", "epsilons": [0.05, 0.1], "queries": 40}],
+    "probes": [{"name": "rate-limit", "burst": 20}],
+}
+
+
+def _at(url: str, **kwargs) -> dict:
+    return {**ENDPOINT_SUITE, "model": {"source": url, "kwargs": kwargs}}
+
+
+def test_an_endpoint_runs_on_the_workers_with_one_query_budget_for_the_whole_run(local_ray, tmp_path, digits_model):
+    """Workers call the endpoint themselves (its address travels, no weights), with the local engine's
+    answer; `max_queries` counts the driver's and every worker's images together (a shared meter), so
+    two workers cannot send two budgets; and the rate-limit probe after the attacks still counts."""
+    from harness.core.errors import RunFailed
+
+    from .endpoint_server import serve
+
+    with serve(digits_model) as served:
+        local = harness.run(_at(served.url), out=tmp_path / "local", show_progress=False)
+        sent = served.images
+        served.images = 0
+        remote = harness.run(_at(served.url, max_queries=sent), out=tmp_path / "ray", show_progress=False,
+                             engine={"name": "ray", "workers": 2})
+        assert remote.metrics == local.metrics and served.images == sent  # the whole run fits the budget it needs, exactly
+        served.images = 0
+        with pytest.raises(RunFailed, match=r"max_queries: 3000 images\) would be exceeded"):
+            harness.run(_at(served.url, max_queries=3000), out=tmp_path / "short", show_progress=False, engine={"name": "ray", "workers": 2})
+        assert served.images <= 3000 < sent  # per process, the driver and two workers could have sent 9000
+        (probe,) = json.loads((tmp_path / "ray" / "scorecard.json").read_text())["probes"]
+        assert probe["answered"] == 20 and probe["requests_before"] > 0  # the workers' requests counted in the driver
+        # the client-side rate holds over the driver and both workers: 50 requests a second, all of them together
+        served.arrivals.clear()
+        harness.run({**_at(served.url, rate=50), "probes": []}, show_progress=False, engine={"name": "ray", "workers": 2})
+        n = len(served.arrivals)
+        assert n > 40 and served.arrivals[-1] - served.arrivals[0] >= 0.9 * (n - 1) / 50
+
+
+def test_an_onnx_file_is_opened_by_the_workers_and_checked_by_its_hash(local_ray, tmp_path, digits_model):
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    path = tmp_path / "digits.onnx"
+
+    def export(net: torch.nn.Module) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(net.eval(), (torch.rand(2, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
+                              output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+
+    export(digits_model)
+    suite = {**ENDPOINT_SUITE, "probes": [], "model": {"source": f"onnx:{path}"},
+             "attacks": [*ENDPOINT_SUITE["attacks"], {"name": "pgd", "norm": "linf", "epsilons": [0.1], "steps": 5}]}
+    local = harness.run(suite, show_progress=False)
+    remote = harness.run(suite, show_progress=False, engine={"name": "ray", "workers": 2})
+    assert remote.metrics == local.metrics and local.metrics["robust_accuracy:pgd-linf@0.1"] < local.metrics["clean_accuracy"]
+
+    from harness.core.errors import RunFailed
+    from harness.engines.recipes import build_model, model_recipe
+    from harness.sources.models import load_model
+
+    recipe = model_recipe(load_model(f"onnx:{path}")[0])
+    assert recipe.identity == "file" and recipe.weights == b""
+    import copy
+
+    other = copy.deepcopy(digits_model)
+    with torch.no_grad():
+        other.classifier[-1].bias.add_(0.01)
+    export(other)  # the file a worker would open is no longer the run's
+    with pytest.raises(RunFailed, match="hashes to .*, not the run's"):
+        build_model(recipe)

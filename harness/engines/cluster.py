@@ -180,6 +180,7 @@ class RayEngine:
             raise ValueError("an engine needs at least one device")
         recipe = model_recipe(model)
         pool = self._ensure_pool(recipe)
+        recipe = self._with_meter(model, recipe)
         self.limit = BatchLimit()
         self._stop.clear()
         self._model = (recipe.key, [pool.ray.put(recipe)])
@@ -192,8 +193,21 @@ class RayEngine:
 
         if self._pool is None:
             raise RuntimeError("RayEngine.start() was not called")
-        recipe = model_recipe(model)
+        recipe = self._with_meter(model, model_recipe(model))
         self._model = (recipe.key, [self._pool.ray.put(recipe)])
+
+    def _with_meter(self, model: torch.nn.Module, recipe: Any) -> Any:
+        """An endpoint's recipe carries the meter its driver-side module now shares with the workers
+        (harness.engines.meters): `max_queries` and `rate` hold for the run, not per process."""
+        if recipe.identity != "address":
+            return recipe
+        import dataclasses
+
+        from harness.engines.meters import share_meter
+
+        meter = share_meter(self._pool_for(model).ray, model)
+        self._metered = [*getattr(self, "_metered", []), model]
+        return dataclasses.replace(recipe, meter=meter)
 
     def fork(self) -> "RayEngine":
         """Another engine on the same workers (a defended variant evaluated beside the model): its own
@@ -275,7 +289,9 @@ class RayEngine:
         from harness.engines.recipes import model_recipe
 
         recipe = model_recipe(model)
-        return recipe.key, [self._pool_for(model).ray.put(recipe)]
+        pool = self._pool_for(model)
+        recipe = self._with_meter(model, recipe)
+        return recipe.key, [pool.ray.put(recipe)]
 
     def share_data(self, data: "Data") -> tuple:
         """A sample source's recipe in the object store, read by jobs through `view.data(ref)`."""
@@ -320,6 +336,11 @@ class RayEngine:
         self._data_key = None
         if getattr(self, "_forked", False):
             return
+        if getattr(self, "_metered", None):
+            from harness.engines.meters import unshare_meters
+
+            unshare_meters(self._metered)  # before the actors go with Ray: the driver's endpoint keeps its counts
+            self._metered = []
         if self._pool is not None:
             self._pool.close()
             self._pool = None

@@ -5,7 +5,8 @@ A model recipe is the model's config (source, classes, preprocessing, factory kw
 directory its relative paths start from), its weights as safetensors bytes, and the sha256 the run's
 provenance recorded for those weights (`state_dict_sha256`). The worker builds the architecture from
 the source, loads the bytes, and refuses to run unless the hash of what it loaded is the recorded
-one. A defended variant is its inner recipe plus the defense (a frozen dataclass of plain values),
+one. An ONNX file or an endpoint travels as its source alone: the worker opens the file (a path every
+node must see) and checks its hash, or calls the same address. A defended variant is its inner recipe plus the defense (a frozen dataclass of plain values),
 its mode and its draws' seed.
 
 A data recipe is either the loader's arguments (the worker reads its own batches through the sample
@@ -53,6 +54,11 @@ class ModelRecipe:
     # a preprocessing defense around the model: (defense dataclass, mode, eot, seed); None for the model itself
     wrapper: Optional[tuple[Any, str, int, int]] = None
     inner: Optional["ModelRecipe"] = None  # the wrapped model's recipe, when `wrapper` is set
+    # what `sha256` hashes (harness.sources.models.source_identity): the state dict, whose bytes travel in
+    # `weights`; or an ONNX "file" / an endpoint's "address", which the worker opens itself (no weights travel)
+    identity: str = "state_dict"
+    # an endpoint's query count shared by every process of the run (harness.engines.meters.RemoteMeter)
+    meter: Any = None
 
     @property
     def key(self) -> str:
@@ -87,6 +93,12 @@ def model_recipe(model: torch.nn.Module) -> ModelRecipe:
     origin = getattr(model, "origin", None) if isinstance(model, BoundedModel) else None
     if origin is None:
         raise BadInput("engine", _OBJECT)
+    if origin.get("identity", "state_dict") != "state_dict":  # an ONNX file, an endpoint: the worker builds it from its source
+        return ModelRecipe(source=origin["source"], num_classes=origin["num_classes"],
+                           mean=None if origin["mean"] is None else tuple(origin["mean"]),
+                           std=None if origin["std"] is None else tuple(origin["std"]), kwargs=dict(origin["kwargs"]), base=origin["base"],
+                           weights=b"", sha256=origin["model_sha256"], outputs_probabilities=bool(model.outputs_probabilities),
+                           identity=origin["identity"])
     sha = state_dict_sha256(model.net)
     if sha != origin["model_sha256"]:
         raise RunFailed(f"the model's weights changed after loading (sha256 {sha[:12]} != {origin['model_sha256'][:12]}): "
@@ -121,6 +133,18 @@ def build_model(recipe: ModelRecipe, base: Optional[Path] = None) -> torch.nn.Mo
         defense, mode, eot, seed = recipe.wrapper
         return defended(build_model(recipe.inner, base), defense, mode, eot=eot, seed=seed)
     net = _architecture(recipe, base)
+    if recipe.identity != "state_dict":
+        from harness.sources.models import source_identity
+
+        sha, _ = source_identity(recipe.source, net, base or Path(recipe.base))
+        if sha != recipe.sha256:
+            raise RunFailed(f"the worker's {recipe.identity} of {recipe.source} hashes to {sha[:12]}, not the run's {recipe.sha256[:12]}: "
+                            "refusing to evaluate another model")
+        if recipe.meter is not None:
+            net.meter = recipe.meter
+        model = BoundedModel(net, recipe.mean, recipe.std)
+        model.outputs_probabilities = recipe.outputs_probabilities
+        return model
     try:
         net.load_state_dict(load(recipe.weights), strict=True)
     except RuntimeError as e:

@@ -469,7 +469,7 @@ def rate_limit_record(cfg: Any, i: int, model: Any, test: Any) -> dict[str, Any]
     x = whole(test)[: probe.images].to("cpu", torch.float32)
     x = model.normalize(x) if hasattr(model, "normalize") else x
     burst = rate_limit_burst(cfg, entry)
-    before = int(endpoint.meter.requests)  # this run's own earlier requests, which a limiter may count in the same window
+    before = int(endpoint.meter.counts()[1])  # this run's own earlier requests, which a limiter may count in the same window
     res = send_burst(lambda: endpoint.try_once(x), probe, burst)
     metric = metric_id("throttled_after", pid)
     if res["throttled"]:

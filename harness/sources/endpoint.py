@@ -10,7 +10,8 @@ The harness POSTs batches of images as JSON and reads one row of scores per imag
 Knobs (`model.kwargs`): `format`, `batch` (images per request), `timeout` (seconds per request),
 `retries` (on a connection error, 5xx or 429; backoff doubling from `backoff` seconds, or the server's
 Retry-After, capped at 60 s), `max_queries` (images sent over the whole run; past it the run stops,
-exit 3), `rate` (requests per second at most, client-side), and `auth: {header, env, scheme}`: the
+exit 3), `rate` (requests per second at most, client-side); both count every process of the run
+(the driver and, on the Ray engine, its workers share one Meter), and `auth: {header, env, scheme}`: the
 header's value is `scheme + " " + $env`, read from the environment when the model loads. The secret
 itself is never in the config, and every message the endpoint's errors make has it replaced by `***`.
 An endpoint gives no gradients: only black-box attacks and corruptions run against it.
@@ -25,7 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -34,7 +35,7 @@ from torch import nn
 
 from harness.core.errors import BadInput, RunFailed, one_line
 
-__all__ = ["Endpoint", "EndpointModule", "load_endpoint", "MAX_BACKOFF", "THROTTLE_STATUSES"]
+__all__ = ["Endpoint", "EndpointModule", "Meter", "load_endpoint", "MAX_BACKOFF", "THROTTLE_STATUSES"]
 
 MAX_BACKOFF = 60.0
 FORMATS = ("list", "base64")
@@ -72,14 +73,42 @@ class Endpoint:
                                "(the secret stays in the environment variable)")
 
 
-@dataclass
-class _Meter:
-    """Images sent and requests made (shared by every copy of the module in this process)."""
+class Meter:
+    """What one endpoint was sent: images (`queries`) and requests, and the next free slot of a
+    client-side rate. Thread-safe within a process; an engine whose workers are other processes (Ray)
+    puts one in an actor and hands every copy of the module the same (harness.engines.meters)."""
 
-    queries: int = 0
-    requests: int = 0
-    last: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, queries: int = 0, requests: int = 0, last: float = 0.0) -> None:
+        self.queries, self.requests, self.last = queries, requests, last
+        self._lock = threading.Lock()
+
+    def reserve(self, images: int, most: Optional[int]) -> Optional[int]:
+        """Counts `images` unless that would take the count past `most`: then None, else the count before."""
+        with self._lock:
+            if most is not None and self.queries + images > most:
+                return None
+            before, self.queries = self.queries, self.queries + images
+            return before
+
+    def request(self) -> int:
+        """Counts one request; returns the number made before it."""
+        with self._lock:
+            self.requests += 1
+            return self.requests - 1
+
+    def wait(self, rate: float) -> float:
+        """Seconds to wait before the next request at `rate` requests per second (its slot is taken)."""
+        gap = 1.0 / rate
+        with self._lock:
+            now = time.monotonic()
+            wait = self.last + gap - now
+            self.last = max(now, self.last + gap)
+        return max(0.0, wait)
+
+    def counts(self) -> tuple[int, int]:
+        """(images, requests) so far."""
+        with self._lock:
+            return self.queries, self.requests
 
 
 class EndpointModule(nn.Module):
@@ -89,7 +118,7 @@ class EndpointModule(nn.Module):
 
     def __init__(self, endpoint: Endpoint, headers: dict[str, str], secret: Optional[str]) -> None:
         super().__init__()
-        self.endpoint, self._headers, self._secret, self.meter = endpoint, headers, secret, _Meter()
+        self.endpoint, self._headers, self._secret, self.meter = endpoint, headers, secret, Meter()
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
@@ -106,23 +135,20 @@ class EndpointModule(nn.Module):
         return json.dumps({"inputs": inputs}).encode()
 
     def _wait_for_rate(self) -> None:
-        if self.endpoint.rate is None:
-            return
-        gap = 1.0 / self.endpoint.rate
-        with self.meter.lock:
-            now = time.monotonic()
-            wait = self.meter.last + gap - now
-            self.meter.last = max(now, self.meter.last + gap)
-        if wait > 0:
-            time.sleep(wait)
+        if self.endpoint.rate is not None:
+            wait = self.meter.wait(self.endpoint.rate)
+            if wait > 0:
+                time.sleep(wait)
+
+    def _reserve(self, x: torch.Tensor, what: str) -> None:
+        ep = self.endpoint
+        if self.meter.reserve(len(x), ep.max_queries) is None:
+            raise RunFailed(f"the endpoint's query budget (model.kwargs.max_queries: {ep.max_queries} images) would be exceeded "
+                            f"after {self.meter.counts()[0]} images; raise it or {what}")
 
     def _post(self, x: torch.Tensor) -> np.ndarray:
         ep = self.endpoint
-        with self.meter.lock:
-            if ep.max_queries is not None and self.meter.queries + len(x) > ep.max_queries:
-                raise RunFailed(f"the endpoint's query budget (model.kwargs.max_queries: {ep.max_queries} images) would be exceeded "
-                                f"after {self.meter.queries} images; raise it or query less (fewer points, attacks or queries)")
-            self.meter.queries += len(x)
+        self._reserve(x, "query less (fewer points, attacks or queries)")
         body, delay = self._body(x), ep.backoff
         for attempt in range(ep.retries + 1):
             self._wait_for_rate()
@@ -130,8 +156,7 @@ class EndpointModule(nn.Module):
                                              headers={"Content-Type": "application/json", "Accept": "application/json", **self._headers})
             retry_after: Optional[float] = None
             try:
-                with self.meter.lock:
-                    self.meter.requests += 1
+                self.meter.request()
                 with urllib.request.urlopen(request, timeout=ep.timeout) as response:
                     return self._scores(response.read(), len(x))
             except urllib.error.HTTPError as e:
@@ -160,12 +185,8 @@ class EndpointModule(nn.Module):
         bad input, as for a prediction; any other answer fails the run."""
         ep = self.endpoint
         x = x.detach().to("cpu", torch.float32)
-        with self.meter.lock:
-            if ep.max_queries is not None and self.meter.queries + len(x) > ep.max_queries:
-                raise RunFailed(f"the endpoint's query budget (model.kwargs.max_queries: {ep.max_queries} images) would be exceeded "
-                                f"after {self.meter.queries} images; raise it or send a smaller burst")
-            self.meter.queries += len(x)
-            self.meter.requests += 1
+        self._reserve(x, "send a smaller burst")
+        self.meter.request()
         request = urllib.request.Request(ep.url, data=self._body(x), method="POST",
                                          headers={"Content-Type": "application/json", "Accept": "application/json", **self._headers})
         try:

@@ -28,7 +28,7 @@ from harness.core.files import sha256_file
 from harness.core.registry import Registry
 
 __all__ = ["BoundedModel", "MODELS", "load_model", "load_weights", "state_dict_sha256", "model_choices", "model_listing", "kept_as_found",
-           "check_source", "TORCH_LOAD_FLOOR", "require_safe_torch_load"]
+           "check_source", "source_identity", "TORCH_LOAD_FLOOR", "require_safe_torch_load"]
 
 MODELS: Registry = Registry("model")
 
@@ -357,6 +357,18 @@ def _scheme(source: str) -> tuple[str, str]:
     return scheme, arg
 
 
+def source_identity(source: str, net: nn.Module, base: Path = Path(".")) -> tuple[str, str]:
+    """(sha256, what it hashes) naming the model a source gave: for `onnx:PATH` the file's bytes (an
+    onnxruntime session has no state dict: the file is the model), for an endpoint its address (its
+    weights cannot be read), else the network's state dict ("state_dict")."""
+    scheme, arg = _scheme(source)
+    if scheme == "onnx":
+        return sha256_file(_resolve(arg, base)), "file"
+    if scheme in ("http", "https"):
+        return hashlib.sha256(source.encode()).hexdigest(), "address"
+    return state_dict_sha256(net), "state_dict"
+
+
 def check_source(source: str) -> None:
     _scheme(source)
 
@@ -382,12 +394,9 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
         _apply_weights(net, path)
         info["weights"] = str(path)
         info["weights_sha256"] = sha256_file(path)
-    if scheme == "onnx":  # an onnxruntime session has no state dict: the file is the model
-        info["model_sha256"] = sha256_file(_resolve(arg, base))
-    elif scheme in ("http", "https"):  # an endpoint's weights cannot be read: its address stands for the model
-        info["model_sha256"], info["endpoint"] = hashlib.sha256(source.encode()).hexdigest(), source
-    else:
-        info["model_sha256"] = state_dict_sha256(net)
+    info["model_sha256"], identity = source_identity(source, net, base)
+    if scheme in ("http", "https"):
+        info["endpoint"] = source
     if scheme == "huggingface":
         info["labels"], info["image_processor"] = net.labels, net.processor_notes
     if scheme == "onnx":
@@ -396,5 +405,5 @@ def load_model(source: str, weights: Optional[str] = None, num_classes: Optional
     # where it came from, for an engine whose workers rebuild it (harness.engines.recipes)
     model.origin = {"source": source, "num_classes": num_classes, "mean": None if mean is None else list(mean),
                     "std": None if std is None else list(std), "kwargs": dict(kwargs or {}), "base": str(Path(base).resolve()),
-                    "model_sha256": info["model_sha256"]}
+                    "model_sha256": info["model_sha256"], "identity": identity}
     return model, info
