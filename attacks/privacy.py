@@ -320,6 +320,14 @@ class Extraction:
     def output_defenses(self) -> list[OutputDefense]:
         return [_defense(d) for d in self.defenses]
 
+    def black_box_refusal(self) -> Optional[tuple[str, str]]:
+        """Why it cannot run against a model without torch modules ((key, problem)), or None: a black box
+        cannot be re-initialised into a fresh copy, so the thief must be a model source of its own."""
+        if self.thief is None:
+            return "thief", ("extraction trains a fresh copy of the model's architecture unless `thief` names a model source "
+                             "for it: give a thief (e.g. builtin:digits-cnn)")
+        return None
+
     def answer_kind(self) -> str:
         return f"rounded:{self.decimals}" if self.answers == "rounded" else str(self.answers)
 
@@ -476,6 +484,10 @@ class RateLimit:
             raise ValueError(f"within must be more than 0 and at most {MAX_WITHIN:g} seconds, got {self.within!r}")
         if self.rate is not None and (not isinstance(self.rate, (int, float)) or self.rate <= 0):
             raise ValueError(f"rate must be a positive number of requests per second, got {self.rate!r}")
+
+    def black_box_refusal(self) -> Optional[tuple[str, str]]:
+        """None: it only sends requests (it runs against an endpoint, and only there)."""
+        return None
 
 
 def send_burst(send: Callable[[], dict[str, Any]], probe: RateLimit, burst: int, clock: Callable[[], float] = time.monotonic,

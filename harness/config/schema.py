@@ -459,8 +459,9 @@ def rate_limit_burst(cfg: "Config", entry: ProbeConfig) -> int:
 
 def refuse_white_box(cfg: "Config", reason: Optional[str]) -> None:
     """A model without gradients (an ONNX graph that did not convert, an HTTP endpoint: `reason` says
-    why) runs only what needs none: black-box attacks, corruptions, the rate-limit probe, and model
-    extraction with a `thief` of its own. Anything else is bad input, said before any work."""
+    why) runs only what needs none: black-box attacks, corruptions, and the probes whose
+    `black_box_refusal()` finds nothing to refuse (the rate-limit probe; model extraction with a
+    `thief` of its own). Anything else is bad input, said before any work."""
     from harness.attacks import ATTACKS
     from harness.attacks.base import access_of
 
@@ -471,16 +472,17 @@ def refuse_white_box(cfg: "Config", reason: Optional[str]) -> None:
     for i, a in enumerate(cfg.attacks):
         if not isinstance(a, CorruptionConfig) and access_of(a.build()) == "white-box":
             raise BadInput(f"attacks[{i}]", f"{a.attack_id} needs gradients, but {why}; attacks that can run: {', '.join(runs)}")
-    for i, p in enumerate(cfg.probes):
-        if p.name == "rate-limit":
-            continue
-        if p.name == "extraction":
-            if p.build().thief is None:
-                raise BadInput(f"probes[{i}].thief", f"extraction trains a fresh copy of the model's architecture unless `thief` "
-                               f"names a model source for it, but {why}: give a thief (e.g. builtin)")
-            continue
-        raise BadInput(f"probes[{i}]", f"{p.name} needs the model's torch modules, but {why}; probes that can run: "
-                       "rate-limit (an endpoint), extraction with a thief")
+    for i, p in enumerate(cfg.probes):  # a probe that can run on a black box says so (black_box_refusal)
+        refusal = getattr(p.build(), "black_box_refusal", None)
+        if refusal is None:
+            from harness.attacks.privacy import PRIVACY
+
+            runs = ", ".join(n for n, c in PRIVACY.items() if hasattr(c, "black_box_refusal"))
+            raise BadInput(f"probes[{i}]", f"{p.name} needs the model's torch modules, but {why}; probes that can run: {runs}")
+        refused = refusal()
+        if refused is not None:
+            key, problem = refused
+            raise BadInput(f"probes[{i}].{key}", f"{problem}; {why}")
     if cfg.defenses:
         raise BadInput("defenses[0]", f"defenses need the model's torch modules, but {why}")
     for i, c in enumerate(cfg.certificates):  # smoothing only queries, but its soundness check attacks with gradients

@@ -138,6 +138,7 @@ class RayEngine:
         self._code: Any = None
         self._lock = threading.Lock()
         self.retried = 0  # units resent after their worker was lost
+        self._metered: list[torch.nn.Module] = []  # models whose endpoint counts in a shared meter (harness.engines.meters)
 
     # -- the workers ------------------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ class RayEngine:
         from harness.engines.meters import share_meter
 
         meter = share_meter(self._pool_for(model).ray, model)
-        self._metered = [*getattr(self, "_metered", []), model]
+        self._metered = [*self._metered, model]
         return dataclasses.replace(recipe, meter=meter)
 
     def fork(self) -> "RayEngine":
@@ -336,7 +337,7 @@ class RayEngine:
         self._data_key = None
         if getattr(self, "_forked", False):
             return
-        if getattr(self, "_metered", None):
+        if self._metered:
             from harness.engines.meters import unshare_meters
 
             unshare_meters(self._metered)  # before the actors go with Ray: the driver's endpoint keeps its counts

@@ -60,14 +60,12 @@ class RemoteMeter:
         return tuple(self._call("counts"))  # type: ignore[return-value]
 
 
-def _endpoint(model: Any) -> Any:
-    return next((m for m in model.modules() if hasattr(m, "meter") and hasattr(m, "try_once")), None)
-
-
 def share_meter(ray: Any, model: Any) -> Optional[RemoteMeter]:
     """The shared meter of the endpoint inside `model` (made on first use, from the driver's counts),
     now also the driver's; None for a model that is no endpoint."""
-    endpoint = _endpoint(model)
+    from harness.sources.endpoint import endpoint_of
+
+    endpoint = endpoint_of(model)
     if endpoint is None:
         return None
     if isinstance(endpoint.meter, RemoteMeter):
@@ -80,10 +78,10 @@ def share_meter(ray: Any, model: Any) -> Optional[RemoteMeter]:
 
 def unshare_meters(models: list[Any]) -> None:
     """Gives each driver-side endpoint a local Meter again, with the shared counts (before Ray goes)."""
-    from harness.sources.endpoint import Meter
+    from harness.sources.endpoint import Meter, endpoint_of
 
     for model in models:
-        endpoint = _endpoint(model)
+        endpoint = endpoint_of(model)
         if endpoint is not None and isinstance(endpoint.meter, RemoteMeter):
             queries, requests = endpoint.meter.counts()
             endpoint.meter = Meter(queries, requests)

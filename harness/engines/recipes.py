@@ -93,20 +93,17 @@ def model_recipe(model: torch.nn.Module) -> ModelRecipe:
     origin = getattr(model, "origin", None) if isinstance(model, BoundedModel) else None
     if origin is None:
         raise BadInput("engine", _OBJECT)
-    if origin.get("identity", "state_dict") != "state_dict":  # an ONNX file, an endpoint: the worker builds it from its source
-        return ModelRecipe(source=origin["source"], num_classes=origin["num_classes"],
-                           mean=None if origin["mean"] is None else tuple(origin["mean"]),
-                           std=None if origin["std"] is None else tuple(origin["std"]), kwargs=dict(origin["kwargs"]), base=origin["base"],
-                           weights=b"", sha256=origin["model_sha256"], outputs_probabilities=bool(model.outputs_probabilities),
-                           identity=origin["identity"])
+    config = dict(source=origin["source"], num_classes=origin["num_classes"], mean=None if origin["mean"] is None else tuple(origin["mean"]),
+                  std=None if origin["std"] is None else tuple(origin["std"]), kwargs=dict(origin["kwargs"]), base=origin["base"],
+                  outputs_probabilities=bool(model.outputs_probabilities))
+    identity = origin.get("identity", "state_dict")
+    if identity != "state_dict":  # an ONNX file, an endpoint: the worker builds it from its source, no weights travel
+        return ModelRecipe(**config, weights=b"", sha256=origin["model_sha256"], identity=identity)
     sha = state_dict_sha256(model.net)
     if sha != origin["model_sha256"]:
         raise RunFailed(f"the model's weights changed after loading (sha256 {sha[:12]} != {origin['model_sha256'][:12]}): "
                         "the workers would evaluate other weights than the provenance names")
-    return ModelRecipe(source=origin["source"], num_classes=origin["num_classes"],
-                       mean=None if origin["mean"] is None else tuple(origin["mean"]),
-                       std=None if origin["std"] is None else tuple(origin["std"]), kwargs=dict(origin["kwargs"]), base=origin["base"],
-                       weights=_weights_bytes(model.net), sha256=sha, outputs_probabilities=bool(model.outputs_probabilities))
+    return ModelRecipe(**config, weights=_weights_bytes(model.net), sha256=sha)
 
 
 def _architecture(recipe: ModelRecipe, base: Optional[Path] = None) -> torch.nn.Module:
@@ -142,16 +139,14 @@ def build_model(recipe: ModelRecipe, base: Optional[Path] = None) -> torch.nn.Mo
                             "refusing to evaluate another model")
         if recipe.meter is not None:
             net.meter = recipe.meter
-        model = BoundedModel(net, recipe.mean, recipe.std)
-        model.outputs_probabilities = recipe.outputs_probabilities
-        return model
-    try:
-        net.load_state_dict(load(recipe.weights), strict=True)
-    except RuntimeError as e:
-        raise RunFailed(f"the worker's {recipe.source} does not take the run's weights: {' '.join(str(e).split())[:200]}") from None
-    sha = state_dict_sha256(net)
-    if sha != recipe.sha256:
-        raise RunFailed(f"the weights the worker loaded hash to {sha[:12]}, not the run's {recipe.sha256[:12]}: refusing to evaluate them")
+    else:
+        try:
+            net.load_state_dict(load(recipe.weights), strict=True)
+        except RuntimeError as e:
+            raise RunFailed(f"the worker's {recipe.source} does not take the run's weights: {' '.join(str(e).split())[:200]}") from None
+        sha = state_dict_sha256(net)
+        if sha != recipe.sha256:
+            raise RunFailed(f"the weights the worker loaded hash to {sha[:12]}, not the run's {recipe.sha256[:12]}: refusing to evaluate them")
     model = BoundedModel(net, recipe.mean, recipe.std)
     model.outputs_probabilities = recipe.outputs_probabilities
     return model

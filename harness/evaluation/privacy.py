@@ -463,7 +463,9 @@ def rate_limit_record(cfg: Any, i: int, model: Any, test: Any) -> dict[str, Any]
 
     entry = cfg.probes[i]
     probe, pid = entry.build(), entry.probe_id
-    endpoint = next((m for m in model.modules() if hasattr(m, "try_once")), None)
+    from harness.sources.endpoint import endpoint_of
+
+    endpoint = endpoint_of(model)
     if endpoint is None:  # the config check names model.source; a caller's own model object lands here
         raise BadInput(f"probes[{i}]", "rate-limit probes an HTTP endpoint's throttling, but the model is not an endpoint")
     x = whole(test)[: probe.images].to("cpu", torch.float32)
@@ -489,18 +491,14 @@ def evaluate_privacy(cfg: Any, i: int, model: Any, test: Any, train_loader: Call
     extraction), each unit reused from `done` or run and saved through `emit` as it finishes."""
     entry = cfg.probes[i]
     num_classes = int(max(int(test.y.max()), 0) + 1)
-    if entry.name == "rate-limit":
-        unit = f"probe|{i}|{entry.probe_id}"
-        if unit in done:
-            return [done[unit]]
-        rec = rate_limit_record(cfg, i, model, test)
-        emit(unit, rec)
-        return [rec]
     if entry.name == "extraction":
         return _extraction(cfg, i, model, test, train_loader, make_model, device, done, emit, engine, num_classes, base)
-    unit = f"probe|{i}|{entry.probe_id}"
+    unit = f"probe|{i}|{entry.probe_id}"  # membership inference and rate limiting: one record each
     if unit in done:
         return [done[unit]]
-    rec = _membership(cfg, i, model, test, train_loader(), make_model, device, out, done, emit, engine)
+    if entry.name == "rate-limit":
+        rec = rate_limit_record(cfg, i, model, test)
+    else:
+        rec = _membership(cfg, i, model, test, train_loader(), make_model, device, out, done, emit, engine)
     emit(unit, rec)
     return [rec]

@@ -35,7 +35,7 @@ from torch import nn
 
 from harness.core.errors import BadInput, RunFailed, one_line
 
-__all__ = ["Endpoint", "EndpointModule", "Meter", "load_endpoint", "MAX_BACKOFF", "THROTTLE_STATUSES"]
+__all__ = ["Endpoint", "EndpointModule", "Meter", "endpoint_of", "load_endpoint", "MAX_BACKOFF", "THROTTLE_STATUSES"]
 
 MAX_BACKOFF = 60.0
 FORMATS = ("list", "base64")
@@ -215,6 +215,11 @@ class EndpointModule(nn.Module):
         if scores.ndim != 2 or len(scores) != n or not np.isfinite(scores).all():
             raise BadInput("model.source", f"the endpoint answered {scores.shape} for {n} images; expected one finite row of scores each")
         return scores
+
+
+def endpoint_of(model: nn.Module) -> Optional[EndpointModule]:
+    """The endpoint inside `model` (a BoundedModel around one), or None for any other model."""
+    return next((m for m in model.modules() if isinstance(m, EndpointModule)), None)
 
 
 def load_endpoint(url: str, num_classes: Optional[int], kwargs: dict) -> EndpointModule:
