@@ -185,3 +185,16 @@ def test_a_caller_model_object_is_no_endpoint(digits_model, tmp_path):
     path = _config(tmp_path, "http://127.0.0.1:9/predict", {}, [])
     with pytest.raises(BadInput, match="the model is not an endpoint"):
         harness.run(str(path), model=digits_model, show_progress=False)
+
+
+def test_a_saved_unthrottled_burst_resumes_with_its_infinite_end(tmp_path):
+    """The run's saved state holds an unthrottled burst's interval [n, inf] (JSON has no inf): a resumed
+    run gets the float back, so its gate judges the same lower bound."""
+    from harness.pipeline.resume import load_state, save_state
+
+    rec = {"id": "rate-limit", "kind": "rate-limit", "metrics": {"throttled_after:rate-limit": 41},
+           "metric_intervals": {"throttled_after:rate-limit": {"ci95": [41.0, math.inf], "method": "lower-bound"}}}
+    save_state(tmp_path / "state.json", "print", 20, [], {"probe|0|rate-limit": rec})
+    assert '"inf"' in (tmp_path / "state.json").read_text()
+    _, probes, _ = load_state(tmp_path / "state.json", "print", 20, [])
+    assert probes["probe|0|rate-limit"]["metric_intervals"]["throttled_after:rate-limit"]["ci95"] == [41.0, math.inf]
